@@ -1,0 +1,88 @@
+"""Local minibatch SGD: the client half of FedAvg and of every strategy that takes deltas."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatches
+from fedlab.data import ClientData
+from fedlab.types import Params, State, Task
+
+
+def model_delta(model: nn.Module, start: Params) -> dict[str, torch.Tensor]:
+    """``y - x``: trained minus starting values of the floating-point state entries."""
+    return {
+        k: v.detach() - start[k].to(v.device)
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalSGD(ClientAlgorithm):
+    """Minibatch SGD from the task's params; returns the delta ``y - x``.
+
+    Every setting can be overridden per task through ``task.config`` (the server decides).
+
+    Args:
+        lr: local learning rate.
+        local_steps: SGD steps per task (used when ``local_epochs`` is 0).
+        local_epochs: passes over the client's data; overrides ``local_steps`` when > 0.
+        batch_size: minibatch size; 0 means full batch.
+        momentum: local momentum (the buffer is reset every task).
+        weight_decay: L2 penalty.
+    """
+
+    lr: float = 0.05
+    local_steps: int = 10
+    local_epochs: float = 0
+    batch_size: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def _setting(self, task: Task, name: str) -> Any:
+        return task.config.get(name, getattr(self, name))
+
+    def fit(
+        self, model: nn.Module, data: ClientData, task: Task, state: State | None,
+        ctx: ClientContext,
+    ) -> Fit:  # fmt: skip
+        n = len(data)
+        if n == 0:
+            return Fit(payload=model_delta(model, task.params), num_examples=0)
+        lr = float(self._setting(task, "lr"))
+        bs = int(self._setting(task, "batch_size"))
+        epochs = float(self._setting(task, "local_epochs"))
+        bs_eff = min(bs, n) if bs > 0 else n
+        steps = (
+            max(1, math.ceil(epochs * n / bs_eff))
+            if epochs > 0
+            else int(self._setting(task, "local_steps"))
+        )
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=float(self._setting(task, "momentum")),
+            weight_decay=float(self._setting(task, "weight_decay")),
+        )  # fmt: skip
+        model.train()
+        loss_sum = torch.zeros((), device=data.x.device)
+        correct = torch.zeros((), device=data.x.device, dtype=torch.long)
+        seen = 0
+        for idx in minibatches(n, bs_eff, steps, ctx.generator(task.version)):
+            idx = idx.to(data.x.device)
+            x, y = data.x[idx], data.y[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(idx)
+        metrics = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
+        return Fit(payload=model_delta(model, task.params), num_examples=n, metrics=metrics)

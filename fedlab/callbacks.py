@@ -1,0 +1,123 @@
+"""Callbacks the engine calls after every version: evaluation, the metrics log, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from fedlab.client import load_params
+from fedlab.types import Params
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from fedlab.data import Workload
+    from fedlab.engine import Engine
+
+
+class Evaluator:
+    """Accuracy and loss of the global model on the workload's test set.
+
+    Args:
+        workload: supplies the model architecture and the test data.
+        every: evaluate every ``every`` versions (and always at ``final``).
+        final: the last version of the run.
+        device: where to evaluate.
+        batch_size: examples per forward pass.
+    """
+
+    def __init__(
+        self, workload: Workload, *, every: int = 1, final: int = 0, device: str = "cpu",
+        batch_size: int = 1024,
+    ) -> None:  # fmt: skip
+        self.workload = workload
+        self.every = every
+        self.final = final
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = workload.make_model().to(self.device)
+        self._slots = dict(self.model.state_dict())
+        test = workload.test_data()
+        self.x, self.y = test.x.to(self.device), test.y.to(self.device)
+
+    def evaluate(self, params: Params) -> dict[str, float]:
+        """Test accuracy and mean cross-entropy loss of ``params``."""
+        load_params(self._slots, params)
+        self.model.eval()
+        loss = 0.0
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(self.y), self.batch_size):
+                out = self.model(self.x[i : i + self.batch_size])
+                y = self.y[i : i + self.batch_size]
+                loss += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(1) == y).sum())
+        n = max(len(self.y), 1)
+        return {"accuracy": correct / n, "loss": loss / n}
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        v = engine.version
+        if v % self.every == 0 or v == self.final:
+            row.update(self.evaluate(engine.params))
+
+
+class MetricsLog:
+    """Appends one JSON line per version to ``metrics.jsonl``.
+
+    On resume, :meth:`truncate` drops rows past the checkpoint's version, which the resumed
+    run writes again.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def truncate(self, version: int) -> None:
+        """Keep only rows with ``version <= version``."""
+        if not self.path.exists():
+            return
+        keep = [
+            line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("version", 0) <= version
+        ]  # fmt: skip
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                 for k, v in row.items()}  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+class ProgressBar:
+    """A terminal progress bar with ETA and the latest accuracy (rich)."""
+
+    def __init__(self, total: int, *, start: int = 0, description: str = "simulate") -> None:
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            TimeRemainingColumn,
+        )  # fmt: skip
+
+        self.progress: Progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("versions"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        )  # fmt: skip
+        self.task: TaskID = self.progress.add_task(
+            description, total=total, completed=start, status=""
+        )
+        self.progress.start()
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        status = ""
+        if "accuracy" in row:
+            status = f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}"
+        self.progress.update(self.task, completed=engine.version, status=status)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        self.progress.stop()

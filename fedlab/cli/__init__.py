@@ -1,0 +1,35 @@
+"""The ``fedlab`` command: one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedlab.cli import plot, simulate, strategies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedlab`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="fedlab", description="Federated learning for PyTorch: simulate, deploy, extend."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (simulate, strategies, plot):
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # ConfigError, CheckpointError and registry errors are ValueErrors with a message
+        # written for the user; a traceback would only bury it.
+        print(f"fedlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

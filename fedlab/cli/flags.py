@@ -1,0 +1,88 @@
+"""Command-line flags generated from :class:`RunConfig`, so every flag has a config key."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any
+
+from fedlab.config import RunConfig, from_mapping, load_toml, parse_option
+
+HELP = {
+    "clients": "number of clients in the federation",
+    "rounds": "versions (aggregations) to run",
+    "strategy": "aggregation strategy name (see `fedlab strategies`) or pkg.mod:Class",
+    "client": "client half name or pkg.mod:Class (default: the strategy's own)",
+    "workload": "built-in workload: synthetic or digits (or 'custom' with --data)",
+    "model": "model: default, logreg/mlp (synthetic), cnn/mlp (digits), or pkg.mod:Net",
+    "data": "pkg.mod:load_client, the user's per-client data function",
+    "partition": "iid, dirichlet, shards or lognormal (digits and custom data)",
+    "alpha": "Dirichlet concentration for --partition dirichlet",
+    "synthetic_alpha": "Synthetic(alpha, beta): model heterogeneity",
+    "synthetic_beta": "Synthetic(alpha, beta): feature heterogeneity",
+    "fraction": "share of clients per version (or in flight, for asynchronous strategies)",
+    "min_clients": "fewest clients per version",
+    "concurrency": "clients in flight for asynchronous strategies (0: from --fraction)",
+    "local_steps": "local SGD steps per task",
+    "local_epochs": "local epochs per task (overrides --local-steps when > 0)",
+    "lr": "client learning rate",
+    "batch_size": "client minibatch size (0: full batch)",
+    "seed": "run seed; every random stream derives from it",
+    "backend": "inprocess (default, no cluster) or ray",
+    "workers": "Ray actors (each holds one model and serves many clients)",
+    "ray_address": "join an existing Ray cluster at this address",
+    "cpus_per_worker": "CPUs reserved per Ray actor",
+    "gpus_per_worker": "GPU fraction reserved per Ray actor",
+    "device": "torch device for client training (cpu, cuda, cuda:1)",
+    "threads": "torch threads per worker; 1 avoids oversubscription with small models",
+    "speed": "client compute-speed distribution for the virtual clock",
+    "speed_mean": "mean seconds per local step on the virtual clock",
+    "speed_spread": "spread of client speeds (lognormal sigma, uniform half-width)",
+    "eval_every": "evaluate the global model every N versions",
+    "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
+}
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RunConfig` field, plus ``--config`` and the option tables."""
+    parser.add_argument("--config", metavar="TOML", help="read settings from a TOML file")
+    for f in fields(RunConfig):
+        if f.default is MISSING:
+            continue  # option tables get KEY=VALUE flags below
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        parser.add_argument(
+            flag, type=kind, default=None, metavar=f.name.upper(),
+            help=f"{HELP.get(f.name, '')} (default: {f.default!r})",
+        )  # fmt: skip
+    parser.add_argument(
+        "--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="a strategy hyperparameter, e.g. server_lr=1.0 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="a client-half option, e.g. momentum=0.9 (repeatable)",
+    )  # fmt: skip
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings named on the command line (not their defaults)."""
+    out: dict[str, Any] = {}
+    for f in fields(RunConfig):
+        if f.default is not MISSING and getattr(args, f.name, None) is not None:
+            out[f.name] = getattr(args, f.name)
+    if args.strategy_opt:
+        out["strategy_options"] = dict(parse_option(o) for o in args.strategy_opt)
+    if args.client_opt:
+        out["client_options"] = dict(parse_option(o) for o in args.client_opt)
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then the TOML file, then flags; option tables merge key by key."""
+    values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    flags = given_flags(args)
+    for table in ("strategy_options", "client_options"):
+        if table in flags:
+            flags[table] = {**values.get(table, {}), **flags[table]}
+    return from_mapping({**values, **flags})

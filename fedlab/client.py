@@ -1,0 +1,143 @@
+"""The client half of an algorithm, and the runtime that drives it on one worker.
+
+A :class:`ClientAlgorithm` says how a client turns a :class:`~fedlab.types.Task` into a payload.
+A :class:`ClientRuntime` owns one persistent model and loads every task's params into it in
+place, so a worker that serves thousands of clients allocates one model, not thousands. The
+same runtime serves in-process simulation, Ray actors and the deployed gRPC client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fedlab import seeding
+from fedlab.transforms import Pipeline, TransformContext
+from fedlab.types import ClientId, Metrics, Params, State, Task, Update
+
+if TYPE_CHECKING:
+    from fedlab.data import ClientData, Workload
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Who is training and which random stream to use.
+
+    Attributes:
+        client_id: the client being simulated or served.
+        seed: the run seed; ``generator()`` derives the stream for ``(seed, version, client)``.
+        device: where the model lives.
+    """
+
+    client_id: ClientId
+    seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def generator(self, version: int) -> torch.Generator:
+        """The training stream of this client at ``version`` (CPU generator)."""
+        return seeding.torch_generator(self.seed, seeding.TRAIN, version, self.client_id)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What :meth:`ClientAlgorithm.fit` returns."""
+
+    payload: Params
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+    state: State | None = None
+
+
+class ClientAlgorithm:
+    """Base class of client halves. Subclasses override :meth:`fit` (and maybe :meth:`setup`)."""
+
+    def setup(self, model: nn.Module, task: Task) -> nn.Module:
+        """Return the module to train for ``task``; wrappers (supermasks, adapters) go here."""
+        return model
+
+    def fit(
+        self, model: nn.Module, data: ClientData, task: Task, state: State | None,
+        ctx: ClientContext,
+    ) -> Fit:  # fmt: skip
+        """Train ``model`` (already holding ``task.params``) on ``data``."""
+        raise NotImplementedError
+
+
+def load_params(slots: dict[str, torch.Tensor], params: Params) -> None:
+    """Copy ``params`` into a model's state tensors in place."""
+    with torch.no_grad():
+        for name, dst in slots.items():
+            src = params.get(name)
+            if src is None:
+                raise KeyError(f"task params have no entry {name!r} for this model")
+            dst.copy_(src)
+
+
+def minibatches(
+    n: int, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches for ``steps`` SGD steps, reshuffling after each pass over ``n`` examples."""
+    bs = min(batch_size, n) if batch_size > 0 else n
+    perm = torch.randperm(n, generator=generator)
+    pos = 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm = torch.randperm(n, generator=generator)
+            pos = 0
+        yield perm[pos : pos + bs]
+        pos += bs
+
+
+class ClientRuntime:
+    """One worker's client side: persistent model, data access, algorithm and transforms.
+
+    Args:
+        workload: where models and client data come from.
+        algorithm: the client half to run.
+        pipeline: update transforms applied to every payload before it leaves the client.
+        seed: the run seed.
+        device: where to train.
+    """
+
+    def __init__(
+        self, *, workload: Workload, algorithm: ClientAlgorithm, pipeline: Pipeline | None = None,
+        seed: int, device: str | torch.device = "cpu",
+    ) -> None:  # fmt: skip
+        self.workload = workload
+        self.algorithm = algorithm
+        self.pipeline = pipeline or Pipeline()
+        self.seed = seed
+        self.device = torch.device(device)
+        self.model = workload.make_model().to(self.device)
+        self._slots = dict(self.model.state_dict(keep_vars=False))
+
+    def run(self, client_id: ClientId, task: Task, state: State | None) -> tuple[Update, State]:
+        """Train ``client_id`` on ``task``; return the encoded update and the client's new state.
+
+        ``state`` is what the previous call returned for this client (``None`` at first): it
+        holds both the algorithm's and the transforms' per-client state.
+        """
+        state = state or {}
+        model = self.algorithm.setup(self.model, task)
+        load_params(self._slots, task.params)
+        data = self.workload.client_data(client_id)
+        if self.device.type != "cpu":
+            data = type(data)(x=data.x.to(self.device), y=data.y.to(self.device))
+        ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
+        fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
+        tctx = TransformContext(client_id=client_id, version=task.version, seed=self.seed)
+        payload, tstate = self.pipeline.encode(fit.payload, tctx, state.get("transforms"))
+        update = Update(
+            client_id=client_id, version=task.version, payload=payload,
+            num_examples=fit.num_examples, metrics=dict(fit.metrics),
+        )  # fmt: skip
+        new_state: dict[str, Any] = {}
+        if fit.state is not None:
+            new_state["client"] = fit.state
+        if tstate is not None:
+            new_state["transforms"] = tstate
+        return update, new_state

@@ -1,0 +1,226 @@
+"""The run configuration: one key per command-line flag, read from TOML, checked in one place.
+
+``fedlab simulate --config run.toml --lr 0.1`` reads the file, then lets flags override it. The
+resolved configuration is saved as ``config.toml`` in the run directory, and ``--resume``
+reads it back; a fingerprint of the keys that change results guards the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("inprocess", "ray")
+
+# Keys that do not change the numbers a run produces: they may differ on resume.
+NOT_FINGERPRINTED = frozenset(
+    {"rounds", "out", "backend", "workers", "ray_address", "cpus_per_worker", "gpus_per_worker",
+     "eval_every", "progress", "config", "threads"}
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every setting of a simulation run. Field names are the TOML keys and, with ``-`` for
+    ``_``, the command-line flags."""
+
+    clients: int = 1000
+    rounds: int = 20
+    strategy: str = "fedavg"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    client: str = ""
+    client_options: Mapping[str, Any] = field(default_factory=dict)
+    workload: str = "synthetic"
+    model: str = "default"
+    data: str = ""
+    partition: str = "iid"
+    alpha: float = 0.5
+    synthetic_alpha: float = 0.5
+    synthetic_beta: float = 0.5
+    fraction: float = 0.1
+    min_clients: int = 1
+    concurrency: int = 0
+    local_steps: int = 10
+    local_epochs: float = 0.0
+    lr: float = 0.05
+    batch_size: int = 32
+    seed: int = 0
+    backend: str = "inprocess"
+    workers: int = 1
+    ray_address: str = ""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    device: str = "cpu"
+    threads: int = 1
+    speed: str = "lognormal"
+    speed_mean: float = 1.0
+    speed_spread: float = 0.5
+    eval_every: int = 1
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
+        _non_negative(self, "local_epochs", "batch_size", "concurrency", "local_steps",
+                      "gpus_per_worker", "alpha", "speed_spread")  # fmt: skip
+        _positive(self, "lr", "cpus_per_worker", "speed_mean")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("one of local_steps or local_epochs must be positive")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def task_config(self) -> dict[str, Any]:
+        """Settings every task carries to the client."""
+        return {
+            "lr": self.lr,
+            "local_steps": self.local_steps,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+        }
+
+    def fingerprint(self) -> str:
+        """A hash of every key that changes the numbers the run produces."""
+        keep = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, tables included."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied and checked."""
+        return from_mapping({**self.to_dict(), **changes})
+
+    def to_toml(self) -> str:
+        """The configuration as TOML (flat keys first, then the option tables)."""
+        d = self.to_dict()
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in tables]
+        for name, table in tables.items():
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _plain(v: Any) -> Any:
+    return dict(v) if isinstance(v, Mapping) else v
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"cannot write non-finite value {v} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _check(cfg: RunConfig, names: tuple[str, ...], ok: Any, what: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not (math.isfinite(v) and ok(v)):
+            raise ConfigError(f"{n} must be {what}, got {v}")
+
+
+def _positive_int(cfg: RunConfig, *names: str) -> None:
+    _check(cfg, names, lambda v: v >= 1, "at least 1")
+
+
+def _positive(cfg: RunConfig, *names: str) -> None:
+    _check(cfg, names, lambda v: v > 0, "positive")
+
+
+def _non_negative(cfg: RunConfig, *names: str) -> None:
+    _check(cfg, names, lambda v: v >= 0, ">= 0")
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = _FIELDS[name].default
+    if default is dataclasses.MISSING:  # the option tables
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a table, got {value!r}")
+        return dict(value)
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(
+            f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def from_mapping(values: Mapping[str, Any]) -> RunConfig:
+    """A checked :class:`RunConfig` from a mapping (TOML table or flags).
+
+    Raises:
+        ConfigError: unknown key (with the closest known keys), wrong type or bad value.
+    """
+    import difflib
+
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            close = difflib.get_close_matches(name, list(_FIELDS), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown configuration key {key!r}.{hint}")
+        out[name] = _coerce(name, value)
+    try:
+        return RunConfig(**out)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run file into a mapping (not yet checked)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML when it parses (numbers, booleans), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value

@@ -1,0 +1,420 @@
+"""The engine: the one loop that drives every strategy, synchronous or asynchronous.
+
+It owns the global params and the version counter. It hands out tasks while clients are idle,
+decodes and validates what comes back, buffers it, calls ``Strategy.aggregate`` when the
+strategy's trigger fires, bumps the version, and checkpoints everything atomically. It never
+knows whether the transport is a simulation or a network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time as _time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlab import seeding, tensorio
+from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
+from fedlab.transforms import Pipeline, TransformContext
+from fedlab.transport import Failure, Transport
+from fedlab.types import ClientId, Params, Round, State, Task, Update
+
+CHECKPOINT = "checkpoint.fl"
+PREVIOUS = "checkpoint.prev.fl"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or belongs to a different run configuration."""
+
+
+class Callback(Protocol):
+    """Observes the run; evaluation, logging and progress are callbacks, never strategy code."""
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        """Called after each aggregation with the version's metrics row (may add to it)."""
+
+
+@dataclass
+class Counters:
+    """Running totals over the whole run."""
+
+    received: int = 0
+    rejected: int = 0
+    failed: int = 0
+    stale_dropped: int = 0
+
+
+@dataclass
+class _VersionLog:
+    """What happened since the last aggregation, for the metrics row."""
+
+    rejected: int = 0
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Runs a strategy against a transport.
+
+    Args:
+        strategy: the aggregation strategy.
+        transport: where tasks go and updates come from.
+        params: the initial global params (version 0).
+        seed: the run seed every random stream derives from.
+        fraction: share of clients given a task per version (synchronous), or kept in flight
+            (asynchronous) unless ``concurrency`` says otherwise.
+        min_clients: lower bound on tasks per version.
+        concurrency: clients in flight for asynchronous triggers.
+        round_timeout: seconds a synchronous version waits before aggregating what it has
+            (``None``: wait for every client).
+        min_updates: fewest updates a timed-out synchronous version aggregates with.
+        pipeline: the update transforms, decoded here in reverse.
+        run_dir: where checkpoints go (``None``: no checkpoints).
+        fingerprint: identifies the run configuration; a checkpoint with another one is refused.
+        callbacks: called after every version.
+        task_config: settings sent with every task (``lr``, ``local_steps``...); a strategy's
+            own task config wins over these.
+    """
+
+    def __init__(
+        self, *, strategy: Strategy, transport: Transport, params: Params, seed: int,
+        fraction: float = 0.1, min_clients: int = 1, concurrency: int | None = None,
+        round_timeout: float | None = None, min_updates: int = 1,
+        pipeline: Pipeline | None = None, run_dir: str | os.PathLike[str] | None = None,
+        fingerprint: str = "", callbacks: Sequence[Callback] = (),
+        task_config: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.strategy = strategy
+        self.transport = transport
+        self.num_clients = transport.clients()
+        if self.num_clients < 1:
+            raise ValueError("the transport has no clients")
+        self.seed = seed
+        self.slots = min(self.num_clients, max(min_clients, math.ceil(fraction * self.num_clients)))
+        self.concurrency = min(self.num_clients, concurrency or self.slots)
+        self.round_timeout = round_timeout
+        self.min_updates = min_updates
+        self.pipeline = pipeline or Pipeline()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.fingerprint = fingerprint
+        self.callbacks = list(callbacks)
+        self.task_config = dict(task_config or {})
+
+        self.params: Params = dict(params)
+        self.version = 0
+        self.state: State = strategy.init(self.params)
+        self.counters = Counters()
+        self.buffer: list[Update] = []
+        self.inflight: dict[ClientId, int] = {}
+        self._inflight_config: dict[ClientId, Mapping[str, Any]] = {}
+        self._pending: set[ClientId] = set()  # synchronous: tasks of this version outstanding
+        self._filled = False  # tasks handed out since the last aggregation (sync and Period)
+        self._deadline: float | None = None
+        self._configure_calls = 0
+        self._task_params: dict[int, Params] = {0: self.params}
+        self._log = _VersionLog()
+        self._wall_start = _time.perf_counter()
+        self.on_reject: Callable[[Update, str], None] | None = None
+        self.resumed_from: Path | None = None
+        self.resume_warnings: list[str] = []
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, versions: int) -> None:
+        """Aggregate until the global model reaches ``versions``."""
+        while self.version < versions:
+            self.step()
+
+    def step(self) -> None:
+        """Drive the transport until the trigger fires once, then aggregate."""
+        trigger = self.strategy.trigger
+        if isinstance(trigger, Period) and self._deadline is None:
+            self._deadline = self.transport.now() + trigger.seconds
+        while True:
+            if not self._filled or isinstance(trigger, Buffer):
+                self._fill(trigger)
+            timeout = self._timeout(trigger)
+            if not self.inflight and timeout is None:
+                if isinstance(trigger, EveryRound) and self._filled:
+                    break  # every task of the version came back (or was rejected)
+                raise RuntimeError(
+                    "no update can arrive: no client holds a task and the strategy chose none"
+                )
+            event = self.transport.next_update(timeout)
+            if event is None:
+                if isinstance(trigger, Period):
+                    break  # the period ended
+                if isinstance(trigger, EveryRound) and len(self.buffer) >= self.min_updates:
+                    break  # round timeout with enough updates
+                continue
+            if isinstance(event, Failure):
+                self._fail(event)
+            else:
+                self._receive(event)
+            if self._fires(trigger):
+                break
+        self._aggregate(trigger)
+
+    def _timeout(self, trigger: object) -> float | None:
+        if isinstance(trigger, Period):
+            assert self._deadline is not None
+            return max(0.0, self._deadline - self.transport.now())
+        if isinstance(trigger, EveryRound):
+            return self.round_timeout if self._pending else None
+        return None
+
+    def _fires(self, trigger: object) -> bool:
+        if isinstance(trigger, Buffer):
+            return len(self.buffer) >= trigger.k
+        if isinstance(trigger, EveryRound):
+            return self._filled and not self._pending
+        return False
+
+    def _fill(self, trigger: object) -> None:
+        want = self.slots if isinstance(trigger, EveryRound) else self.concurrency
+        free = want - len(self.inflight) if not isinstance(trigger, EveryRound) else want
+        free = min(free, self.num_clients - len(self.inflight))
+        self._filled = True
+        if free <= 0:
+            return
+        rnd = Round(
+            version=self.version, time=self.transport.now(), num_clients=self.num_clients,
+            slots=free, busy=frozenset(self.inflight),
+            seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, self._configure_calls),
+        )  # fmt: skip
+        self._configure_calls += 1
+        tasks = self.strategy.configure(self.state, self.params, rnd)
+        for cid, task in sorted(tasks.items()):
+            if cid in self.inflight or not 0 <= cid < self.num_clients:
+                raise RuntimeError(f"strategy configured client {cid}, which is busy or unknown")
+            self._submit(cid, task)
+
+    def _submit(self, cid: ClientId, task: Task) -> None:
+        if self.task_config:
+            task = Task(task.version, task.params, {**self.task_config, **task.config})
+        self.inflight[cid] = task.version
+        self._inflight_config[cid] = task.config
+        self._task_params.setdefault(task.version, task.params)
+        if isinstance(self.strategy.trigger, EveryRound):
+            self._pending.add(cid)
+        self.transport.submit(cid, task)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _reject(self, update: Update, reason: str) -> None:
+        self.counters.rejected += 1
+        self._log.rejected += 1
+        if len(self._log.reasons) < 5:
+            self._log.reasons.append(reason)
+        if self.on_reject is not None:
+            self.on_reject(update, reason)
+
+    def _receive(self, update: Update) -> None:
+        self.counters.received += 1
+        cid = update.client_id
+        expected = self.inflight.get(cid)
+        if expected is None:
+            self._reject(update, f"client {cid} holds no task")
+            return
+        if update.version != expected:
+            self._reject(update, f"client {cid} answered version {update.version}, "
+                                 f"its task was for version {expected}")  # fmt: skip
+            return
+        base = self._task_params[expected]
+        self._finish(cid)
+        if isinstance(self.strategy.trigger, EveryRound) and update.version != self.version:
+            self.counters.stale_dropped += 1  # a straggler from a version already aggregated
+            return
+        try:
+            ctx = TransformContext(client_id=cid, version=update.version, seed=self.seed)
+            payload = self.pipeline.decode(update.payload, ctx)
+            decoded = Update(
+                client_id=cid, version=update.version, payload=payload,
+                num_examples=update.num_examples, metrics=update.metrics,
+            )  # fmt: skip
+            if update.num_examples < 0:
+                raise UpdateRejected(f"update from client {cid}: negative num_examples")
+            self.strategy.validate(decoded, base)
+        except (UpdateRejected, ValueError) as e:
+            self._reject(update, str(e))
+            return
+        self.buffer.append(decoded)
+
+    def _fail(self, failure: Failure) -> None:
+        if self.inflight.get(failure.client_id) != failure.version:
+            return
+        self._finish(failure.client_id)
+        self.counters.failed += 1
+        self._log.failed += 1
+
+    def _finish(self, cid: ClientId) -> None:
+        del self.inflight[cid]
+        del self._inflight_config[cid]
+        self._pending.discard(cid)
+        self._prune()
+
+    def _prune(self) -> None:
+        keep = set(self.inflight.values()) | {self.version}
+        for v in [v for v in self._task_params if v not in keep]:
+            del self._task_params[v]
+
+    # ------------------------------------------------------------------ aggregating
+
+    def _aggregate(self, trigger: object) -> None:
+        rnd = Round(
+            version=self.version, time=self.transport.now(), num_clients=self.num_clients,
+            seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, 1 << 30),
+        )  # fmt: skip
+        updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
+        params, state, metrics = self.strategy.aggregate(self.state, self.params, updates, rnd)
+        self.params = dict(params)
+        self.state = state
+        self.version += 1
+        self.buffer = []
+        self._pending.clear()
+        self._filled = False
+        if isinstance(trigger, Period):
+            assert self._deadline is not None
+            self._deadline += trigger.seconds
+        self._task_params[self.version] = self.params
+        self._prune()
+        row = self._row(updates, metrics)
+        self._log = _VersionLog()
+        # Callbacks first: a crash between the metrics row and the checkpoint repeats the
+        # version on resume (its row is rewritten), while the other order could lose the row.
+        for cb in self.callbacks:
+            cb.on_version(self, row)
+        self.save_checkpoint()
+
+    def _row(self, updates: Sequence[Update], metrics: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "version": self.version,
+            "time": self.transport.now(),
+            "wall": _time.perf_counter() - self._wall_start,
+            "updates": len(updates),
+            "rejected": self._log.rejected,
+            "failed": self._log.failed,
+        }
+        n = sum(u.num_examples for u in updates)
+        keys = sorted({k for u in updates for k in u.metrics})
+        for k in keys:
+            num = sum(u.metrics[k] * u.num_examples for u in updates if k in u.metrics)
+            den = sum(u.num_examples for u in updates if k in u.metrics)
+            if den > 0:
+                row[f"train_{k}"] = num / den
+        if updates:
+            row["staleness"] = sum(self.version - 1 - u.version for u in updates) / len(updates)
+        row["examples"] = n
+        row.update({f"strategy_{k}": float(v) for k, v in dict(metrics).items()})
+        if self._log.reasons:
+            row["reject_reasons"] = list(self._log.reasons)
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> State:
+        """Everything needed to continue the run bit-identically."""
+        return {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "version": self.version,
+            "params": dict(self.params),
+            "strategy": self.state,
+            "counters": vars(self.counters).copy(),
+            "inflight": {
+                cid: {"version": v, "config": dict(self._inflight_config[cid])}
+                for cid, v in self.inflight.items()
+            },
+            "pending": sorted(self._pending),
+            "filled": self._filled,
+            "deadline": self._deadline,
+            "configure_calls": self._configure_calls,
+            "task_params": {v: dict(p) for v, p in self._task_params.items()},
+            "buffer": [
+                {"client_id": u.client_id, "version": u.version, "payload": dict(u.payload),
+                 "num_examples": u.num_examples, "metrics": dict(u.metrics)}
+                for u in self.buffer
+            ],  # fmt: skip
+            "wall": _time.perf_counter() - self._wall_start,
+            "transport": self.transport.state_dict(),
+        }
+
+    def load_state_dict(self, ckpt: State) -> None:
+        """Restore from :meth:`state_dict`; in-flight tasks are handed to the transport again."""
+        if ckpt.get("format") != FORMAT:
+            raise CheckpointError(f"unsupported checkpoint format {ckpt.get('format')!r}")
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise CheckpointError(
+                "the checkpoint belongs to a different run configuration "
+                f"(checkpoint {ckpt['fingerprint'][:12]}, this run {self.fingerprint[:12]})"
+            )
+        self.version = int(ckpt["version"])
+        self.params = dict(ckpt["params"])
+        self.state = ckpt["strategy"]
+        self.counters = Counters(**ckpt["counters"])
+        self._pending = set(ckpt["pending"])
+        self._filled = bool(ckpt["filled"])
+        self._deadline = ckpt["deadline"]
+        self._configure_calls = int(ckpt["configure_calls"])
+        self._task_params = {int(v): p for v, p in ckpt["task_params"].items()}
+        self._task_params[self.version] = self.params
+        self.buffer = [Update(**u) for u in ckpt["buffer"]]
+        self._wall_start = _time.perf_counter() - float(ckpt["wall"])
+        self.transport.load_state_dict(ckpt["transport"])
+        self.inflight = {}
+        self._inflight_config = {}
+        for cid, entry in sorted(ckpt["inflight"].items()):
+            v = int(entry["version"])
+            self.inflight[int(cid)] = v
+            self._inflight_config[int(cid)] = entry["config"]
+            self.transport.submit(int(cid), Task(v, self._task_params[v], entry["config"]))
+
+    def save_checkpoint(self) -> None:
+        """Atomically write the checkpoint, keeping the previous one beside it."""
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / CHECKPOINT
+        tmp = self.run_dir / (CHECKPOINT + ".new")
+        tensorio.save(tmp, self.state_dict())
+        if path.exists():
+            os.replace(path, self.run_dir / PREVIOUS)
+        os.replace(tmp, path)
+
+    def resume(self) -> None:
+        """Load the newest intact checkpoint from ``run_dir``.
+
+        Falls back to the previous checkpoint when the newest is missing or corrupt (a crash
+        between the two renames, a truncated disk write) and says so.
+
+        Raises:
+            CheckpointError: no usable checkpoint, or one from another configuration.
+        """
+        if self.run_dir is None:
+            raise CheckpointError("resume needs a run directory")
+        errors = []
+        for name in (CHECKPOINT, PREVIOUS):
+            path = self.run_dir / name
+            if not path.exists():
+                errors.append(f"{path} does not exist")
+                continue
+            try:
+                ckpt = tensorio.load(path)
+            except tensorio.CorruptFileError as e:
+                errors.append(f"{path} is corrupt: {e}")
+                continue
+            if not isinstance(ckpt, dict):
+                errors.append(f"{path} is not a checkpoint")
+                continue
+            self.load_state_dict(ckpt)
+            self.resumed_from = path
+            self.resume_warnings = errors
+            return
+        raise CheckpointError("no usable checkpoint in " + str(self.run_dir) + ": "
+                              + "; ".join(errors))  # fmt: skip

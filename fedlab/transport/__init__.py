@@ -1,0 +1,58 @@
+"""The seam between the engine and the clients.
+
+The engine drives any :class:`Transport`: the simulation backends in :mod:`fedlab.sim` (virtual
+clock) and the gRPC server (wall clock). This package is the only one that imports the
+generated protocol code in :mod:`fedlab.proto`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedlab.types import ClientId, State, Task, Update
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A client gave up on its task (crashed, disconnected, timed out on its side)."""
+
+    client_id: ClientId
+    version: int
+    reason: str = ""
+
+
+class Transport(Protocol):
+    """What the engine needs from whatever carries tasks and updates."""
+
+    def clients(self) -> int:
+        """Size of the client population (ids ``0 .. n - 1``)."""
+        ...
+
+    def submit(self, client_id: ClientId, task: Task) -> None:
+        """Hand ``task`` to ``client_id``."""
+        ...
+
+    def next_update(self, timeout: float | None) -> Update | Failure | None:
+        """The next finished task, or ``None`` once ``timeout`` seconds pass with none.
+
+        With ``timeout=None`` wait as long as any task is outstanding; return ``None`` at once
+        when none is.
+        """
+        ...
+
+    def now(self) -> float:
+        """Seconds on this transport's clock."""
+        ...
+
+    def state_dict(self) -> State:
+        """What a checkpoint must hold to continue bit-identically."""
+        ...
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore from :meth:`state_dict` before in-flight tasks are submitted again."""
+        ...
+
+    def close(self) -> None:
+        """Release workers, actors or sockets."""
+        ...

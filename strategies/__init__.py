@@ -1,0 +1,20 @@
+"""Aggregation strategies, one module per paper, imported lazily by name.
+
+``from fedlab.strategies import FedAvg`` works for every built-in strategy; the module behind
+a name is only imported when the name is first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedlab.registry import BUILTIN, load_dotted
+
+__all__ = ["FedAvg"]
+
+
+def __getattr__(name: str) -> Any:
+    for path in BUILTIN["strategies"].values():
+        if path.rsplit(":", 1)[1] == name:
+            return load_dotted(path)
+    raise AttributeError(f"module 'fedlab.strategies' has no attribute {name!r}")
