@@ -49,7 +49,7 @@ class RunConfig:
     workload: str = "synthetic"
     model: str = "default"
     data: str = ""
-    partition: str = "iid"
+    partition: str = ""
     alpha: float = 0.5
     synthetic_alpha: float = 0.5
     synthetic_beta: float = 0.5
@@ -58,7 +58,7 @@ class RunConfig:
     concurrency: int = 0
     local_steps: int = 10
     local_epochs: float = 0.0
-    lr: float = 0.05
+    lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
     backend: str = "inprocess"

@@ -150,7 +150,14 @@ class Engine:
             if event is None:
                 if isinstance(trigger, Period):
                     break  # the period ended
-                if isinstance(trigger, EveryRound) and len(self.buffer) >= self.min_updates:
+                if timeout is None:
+                    # The transport says nothing outstanding can arrive any more.
+                    if not isinstance(trigger, EveryRound):
+                        raise RuntimeError("the transport lost every outstanding task")
+                    for cid in sorted(self._pending):
+                        self._fail(Failure(cid, self.inflight[cid], "lost by the transport"))
+                    break
+                if len(self.buffer) >= self.min_updates:
                     break  # round timeout with enough updates
                 continue
             if isinstance(event, Failure):

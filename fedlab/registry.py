@@ -62,11 +62,17 @@ def load_dotted(path: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"cannot import module {module_name!r} from {path!r}: {e}") from e
+    except Exception as e:  # user code may fail at import time in any way
+        raise ValueError(
+            f"importing module {module_name!r} (from {path!r}) raised {type(e).__name__}: {e}"
+        ) from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+            raise ValueError(
+                f"module {module_name!r} has no attribute {attr!r} (lookup failed at {part!r})"
+            ) from None
     return obj
 
 

@@ -16,7 +16,7 @@ HELP = {
     "workload": "built-in workload: synthetic or digits (or 'custom' with --data)",
     "model": "model: default, logreg/mlp (synthetic), cnn/mlp (digits), or pkg.mod:Net",
     "data": "pkg.mod:load_client, the user's per-client data function",
-    "partition": "iid, dirichlet, shards or lognormal (digits and custom data)",
+    "partition": "natural, iid, dirichlet, shards or lognormal (empty: the workload's default)",
     "alpha": "Dirichlet concentration for --partition dirichlet",
     "synthetic_alpha": "Synthetic(alpha, beta): model heterogeneity",
     "synthetic_beta": "Synthetic(alpha, beta): feature heterogeneity",

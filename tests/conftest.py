@@ -1,0 +1,78 @@
+"""Shared fixtures: small, fast configurations and helper strategies for the engine tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedlab.config import RunConfig
+from fedlab.engine import Engine
+from fedlab.strategies import FedAvg
+from fedlab.strategy import Buffer, Period, Trigger
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# Subprocesses started by tests must import the test helpers by dotted path.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+def small_config(**changes: Any) -> RunConfig:
+    """A config that runs a version in a few milliseconds."""
+    base: dict[str, Any] = dict(clients=30, fraction=0.2, rounds=4, seed=11, local_steps=3)
+    return RunConfig(**{**base, **changes})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BufferedFedAvg(FedAvg):
+    """FedAvg aggregated every ``k`` updates (a FedBuff-shaped trigger for engine tests)."""
+
+    k: int = 3
+
+    @property
+    def trigger(self) -> Trigger:
+        return Buffer(self.k)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeriodicFedAvg(FedAvg):
+    """FedAvg aggregated every ``seconds`` of simulated time (a FedFix-shaped trigger)."""
+
+    seconds: float = 15.0
+
+    @property
+    def trigger(self) -> Trigger:
+        return Period(self.seconds)
+
+
+class Rows:
+    """A callback that keeps every metrics row."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+
+def assert_params_equal(a: Any, b: Any) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
