@@ -11,7 +11,7 @@ __all__ = ["LocalSGD"]
 
 def __getattr__(name: str) -> Any:
     for group in ("clients", "transforms"):
-        for path in BUILTIN[group].values():  # type: ignore[index]
+        for path in BUILTIN[group].values():
             if path.rsplit(":", 1)[1] == name:
                 return load_dotted(path)
     raise AttributeError(f"module 'fedlab.clients' has no attribute {name!r}")

@@ -50,9 +50,13 @@ class LocalSGD(ClientAlgorithm):
         return task.config.get(name, getattr(self, name))
 
     def fit(
-        self, model: nn.Module, data: ClientData, task: Task, state: State | None,
+        self,
+        model: nn.Module,
+        data: ClientData,
+        task: Task,
+        state: State | None,
         ctx: ClientContext,
-    ) -> Fit:  # fmt: skip
+    ) -> Fit:
         n = len(data)
         if n == 0:
             return Fit(payload=model_delta(model, task.params), num_examples=0)
@@ -66,9 +70,11 @@ class LocalSGD(ClientAlgorithm):
             else int(self._setting(task, "local_steps"))
         )
         opt = torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=float(self._setting(task, "momentum")),
+            model.parameters(),
+            lr=lr,
+            momentum=float(self._setting(task, "momentum")),
             weight_decay=float(self._setting(task, "weight_decay")),
-        )  # fmt: skip
+        )
         model.train()
         loss_sum = torch.zeros((), device=data.x.device)
         correct = torch.zeros((), device=data.x.device, dtype=torch.long)
@@ -79,7 +85,7 @@ class LocalSGD(ClientAlgorithm):
             out = model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             loss_sum += loss.detach() * len(idx)
             correct += (out.detach().argmax(1) == y).sum()

@@ -32,9 +32,14 @@ class Evaluator:
     """
 
     def __init__(
-        self, workload: Workload, *, every: int = 1, final: int = 0, device: str = "cpu",
+        self,
+        workload: Workload,
+        *,
+        every: int = 1,
+        final: int = 0,
+        device: str = "cpu",
         batch_size: int = 1024,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.workload = workload
         self.every = every
         self.final = final
@@ -81,14 +86,16 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [
-            line for line in self.path.read_text().splitlines()
+            line
+            for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("version", 0) <= version
-        ]  # fmt: skip
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                 for k, v in row.items()}  # fmt: skip
+        clean = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
 
@@ -98,15 +105,24 @@ class ProgressBar:
 
     def __init__(self, total: int, *, start: int = 0, description: str = "simulate") -> None:
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
-        )  # fmt: skip
+        )
 
         self.progress: Progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("versions"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("versions"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
         self.task: TaskID = self.progress.add_task(
             description, total=total, completed=start, status=""
         )

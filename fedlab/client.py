@@ -60,9 +60,13 @@ class ClientAlgorithm:
         return model
 
     def fit(
-        self, model: nn.Module, data: ClientData, task: Task, state: State | None,
+        self,
+        model: nn.Module,
+        data: ClientData,
+        task: Task,
+        state: State | None,
         ctx: ClientContext,
-    ) -> Fit:  # fmt: skip
+    ) -> Fit:
         """Train ``model`` (already holding ``task.params``) on ``data``."""
         raise NotImplementedError
 
@@ -104,9 +108,14 @@ class ClientRuntime:
     """
 
     def __init__(
-        self, *, workload: Workload, algorithm: ClientAlgorithm, pipeline: Pipeline | None = None,
-        seed: int, device: str | torch.device = "cpu",
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        workload: Workload,
+        algorithm: ClientAlgorithm,
+        pipeline: Pipeline | None = None,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.workload = workload
         self.algorithm = algorithm
         self.pipeline = pipeline or Pipeline()
@@ -132,9 +141,12 @@ class ClientRuntime:
         tctx = TransformContext(client_id=client_id, version=task.version, seed=self.seed)
         payload, tstate = self.pipeline.encode(fit.payload, tctx, state.get("transforms"))
         update = Update(
-            client_id=client_id, version=task.version, payload=payload,
-            num_examples=fit.num_examples, metrics=dict(fit.metrics),
-        )  # fmt: skip
+            client_id=client_id,
+            version=task.version,
+            payload=payload,
+            num_examples=fit.num_examples,
+            metrics=dict(fit.metrics),
+        )
         new_state: dict[str, Any] = {}
         if fit.state is not None:
             new_state["client"] = fit.state

@@ -26,9 +26,20 @@ BACKENDS = ("inprocess", "ray")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
 NOT_FINGERPRINTED = frozenset(
-    {"rounds", "out", "backend", "workers", "ray_address", "cpus_per_worker", "gpus_per_worker",
-     "eval_every", "progress", "config", "threads"}
-)  # fmt: skip
+    {
+        "rounds",
+        "out",
+        "backend",
+        "workers",
+        "ray_address",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "eval_every",
+        "progress",
+        "config",
+        "threads",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -76,8 +87,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
-        _non_negative(self, "local_epochs", "batch_size", "concurrency", "local_steps",
-                      "gpus_per_worker", "alpha", "speed_spread")  # fmt: skip
+        _non_negative(
+            self,
+            "local_epochs",
+            "batch_size",
+            "concurrency",
+            "local_steps",
+            "gpus_per_worker",
+            "alpha",
+            "speed_spread",
+        )
         _positive(self, "lr", "cpus_per_worker", "speed_mean")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
@@ -173,9 +192,7 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise ConfigError(
-            f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -81,13 +81,23 @@ class Engine:
     """
 
     def __init__(
-        self, *, strategy: Strategy, transport: Transport, params: Params, seed: int,
-        fraction: float = 0.1, min_clients: int = 1, concurrency: int | None = None,
-        round_timeout: float | None = None, min_updates: int = 1,
-        pipeline: Pipeline | None = None, run_dir: str | os.PathLike[str] | None = None,
-        fingerprint: str = "", callbacks: Sequence[Callback] = (),
+        self,
+        *,
+        strategy: Strategy,
+        transport: Transport,
+        params: Params,
+        seed: int,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        concurrency: int | None = None,
+        round_timeout: float | None = None,
+        min_updates: int = 1,
+        pipeline: Pipeline | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        fingerprint: str = "",
+        callbacks: Sequence[Callback] = (),
         task_config: Mapping[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.strategy = strategy
@@ -191,10 +201,13 @@ class Engine:
         if free <= 0:
             return
         rnd = Round(
-            version=self.version, time=self.transport.now(), num_clients=self.num_clients,
-            slots=free, busy=frozenset(self.inflight),
+            version=self.version,
+            time=self.transport.now(),
+            num_clients=self.num_clients,
+            slots=free,
+            busy=frozenset(self.inflight),
             seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, self._configure_calls),
-        )  # fmt: skip
+        )
         self._configure_calls += 1
         tasks = self.strategy.configure(self.state, self.params, rnd)
         for cid, task in sorted(tasks.items()):
@@ -230,8 +243,11 @@ class Engine:
             self._reject(update, f"client {cid} holds no task")
             return
         if update.version != expected:
-            self._reject(update, f"client {cid} answered version {update.version}, "
-                                 f"its task was for version {expected}")  # fmt: skip
+            self._reject(
+                update,
+                f"client {cid} answered version {update.version}, "
+                f"its task was for version {expected}",
+            )
             return
         base = self._task_params[expected]
         self._finish(cid)
@@ -242,9 +258,12 @@ class Engine:
             ctx = TransformContext(client_id=cid, version=update.version, seed=self.seed)
             payload = self.pipeline.decode(update.payload, ctx)
             decoded = Update(
-                client_id=cid, version=update.version, payload=payload,
-                num_examples=update.num_examples, metrics=update.metrics,
-            )  # fmt: skip
+                client_id=cid,
+                version=update.version,
+                payload=payload,
+                num_examples=update.num_examples,
+                metrics=update.metrics,
+            )
             if update.num_examples < 0:
                 raise UpdateRejected(f"update from client {cid}: negative num_examples")
             self.strategy.validate(decoded, base)
@@ -275,9 +294,11 @@ class Engine:
 
     def _aggregate(self, trigger: object) -> None:
         rnd = Round(
-            version=self.version, time=self.transport.now(), num_clients=self.num_clients,
+            version=self.version,
+            time=self.transport.now(),
+            num_clients=self.num_clients,
             seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, 1 << 30),
-        )  # fmt: skip
+        )
         updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
         params, state, metrics = self.strategy.aggregate(self.state, self.params, updates, rnd)
         self.params = dict(params)
@@ -344,10 +365,15 @@ class Engine:
             "configure_calls": self._configure_calls,
             "task_params": {v: dict(p) for v, p in self._task_params.items()},
             "buffer": [
-                {"client_id": u.client_id, "version": u.version, "payload": dict(u.payload),
-                 "num_examples": u.num_examples, "metrics": dict(u.metrics)}
+                {
+                    "client_id": u.client_id,
+                    "version": u.version,
+                    "payload": dict(u.payload),
+                    "num_examples": u.num_examples,
+                    "metrics": dict(u.metrics),
+                }
                 for u in self.buffer
-            ],  # fmt: skip
+            ],
             "wall": _time.perf_counter() - self._wall_start,
             "transport": self.transport.state_dict(),
         }
@@ -423,5 +449,6 @@ class Engine:
             self.resumed_from = path
             self.resume_warnings = errors
             return
-        raise CheckpointError("no usable checkpoint in " + str(self.run_dir) + ": "
-                              + "; ".join(errors))  # fmt: skip
+        raise CheckpointError(
+            "no usable checkpoint in " + str(self.run_dir) + ": " + "; ".join(errors)
+        )

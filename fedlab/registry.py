@@ -35,7 +35,7 @@ _registered: dict[Group, dict[str, Any]] = {g: {} for g in GROUPS}
 def _check_group(group: str) -> Group:
     if group not in GROUPS:
         raise ValueError(f"unknown registry group {group!r}; expected one of {list(GROUPS)}")
-    return group  # type: ignore[return-value]
+    return group
 
 
 def register(group: Group, name: str, obj: Any) -> None:

@@ -83,9 +83,11 @@ class Strategy:
         """
         rng = seeding.numpy_rng(round.seed, seeding.SAMPLE)
         chosen = seeding.sample_without_replacement(
-            rng, round.num_clients, min(round.slots, round.num_clients - len(round.busy)),
+            rng,
+            round.num_clients,
+            min(round.slots, round.num_clients - len(round.busy)),
             round.busy,
-        )  # fmt: skip
+        )
         task = Task(version=round.version, params=params)
         return {c: task for c in chosen}
 
@@ -132,9 +134,7 @@ def check_like(payload: Params, params: Params, *, what: str) -> None:
             raise UpdateRejected(f"{what}: {name!r} contains NaN or Inf")
 
 
-def weighted_mean(
-    updates: Sequence[Update], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
+def weighted_mean(updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """``sum_i w_i * payload_i / sum_i w_i`` over every payload entry."""
     total = float(sum(weights))
     if not updates or total <= 0:

@@ -23,11 +23,20 @@ _DIGEST = 32
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-        torch.complex64, torch.complex128,
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
     )
-}  # fmt: skip
+}
 
 
 class CorruptFileError(ValueError):
@@ -46,9 +55,13 @@ def dumps(obj: Any) -> bytes:
             t = o.detach().to("cpu").contiguous()
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
             metas.append(
-                {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                 "offset": offset, "nbytes": len(raw)}
-            )  # fmt: skip
+                {
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "offset": offset,
+                    "nbytes": len(raw),
+                }
+            )
             chunks.append(raw)
             offset += len(raw)
             return {"t": len(metas) - 1}

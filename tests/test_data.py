@@ -111,7 +111,11 @@ def test_synthetic_rejects_partitions_other_than_iid_and_natural() -> None:
 def test_synthetic_iid_variant_shares_the_labelling_model() -> None:
     iid = make_workload("synthetic", num_clients=20, seed=0, partition="iid")
     non = make_workload(
-        "synthetic", num_clients=20, seed=0, partition="natural", synthetic_alpha=0,
+        "synthetic",
+        num_clients=20,
+        seed=0,
+        partition="natural",
+        synthetic_alpha=0,
         synthetic_beta=1,
     )
     # v = 0 for every client in the IID variant; non-IID clients have shifted means.

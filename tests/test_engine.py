@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import BufferedFedAvg, PeriodicFedAvg, Rows, assert_params_equal, small_config
+from fedlab.strategies import FedAvg
 from torch import nn
 
-from conftest import BufferedFedAvg, PeriodicFedAvg, Rows, assert_params_equal, small_config
 from fedlab import registry, tensorio
 from fedlab.client import ClientContext, Fit
 from fedlab.data import ClientData
 from fedlab.engine import CHECKPOINT, PREVIOUS, CheckpointError, Engine
 from fedlab.sim import build_engine
-from fedlab.strategies import FedAvg
 from fedlab.types import State, Task, Update
 
 registry.register("strategies", "test-buffered", BufferedFedAvg)
@@ -33,7 +33,7 @@ def run(config: Any, versions: int, **kw: Any) -> tuple[Engine, list[dict[str, A
 
 
 def test_sync_versions_have_the_sampled_number_of_updates() -> None:
-    engine, rows = run(small_config(clients=30, fraction=0.2), 3)
+    _, rows = run(small_config(clients=30, fraction=0.2), 3)
     assert [r["updates"] for r in rows] == [6, 6, 6]
     assert [r["version"] for r in rows] == [1, 2, 3]
     times = [r["time"] for r in rows]
@@ -85,8 +85,14 @@ class Saboteur:
     def setup(self, model: nn.Module, task: Task) -> nn.Module:
         return model
 
-    def fit(self, model: nn.Module, data: ClientData, task: Task, state: State | None,
-            ctx: ClientContext) -> Fit:
+    def fit(
+        self,
+        model: nn.Module,
+        data: ClientData,
+        task: Task,
+        state: State | None,
+        ctx: ClientContext,
+    ) -> Fit:
         payload = {k: torch.full_like(v, 0.01) for k, v in task.params.items()}
         if ctx.client_id % 2:
             k = next(iter(payload))
@@ -108,8 +114,13 @@ class SaboteurAlgorithm(Saboteur):
     pass
 
 
-registry.register("clients", "test-saboteur", dataclasses.dataclass(frozen=True, kw_only=True)(
-    type("SaboteurClient", (Saboteur, __import__("fedlab").ClientAlgorithm), {})))
+registry.register(
+    "clients",
+    "test-saboteur",
+    dataclasses.dataclass(frozen=True, kw_only=True)(
+        type("SaboteurClient", (Saboteur, __import__("fedlab").ClientAlgorithm), {})
+    ),
+)
 
 
 @pytest.mark.parametrize("mode", ["nan", "inf", "shape", "dtype", "missing"])
@@ -125,8 +136,7 @@ def test_bad_updates_are_rejected_counted_and_the_run_continues(mode: str) -> No
     start = build_engine(config).params
     for k in engine.params:
         torch.testing.assert_close(engine.params[k], start[k] + 0.02)
-    assert any(mode in " ".join(r.get("reject_reasons", [])).lower() or r["rejected"]
-               for r in rows)
+    assert any(mode in " ".join(r.get("reject_reasons", [])).lower() or r["rejected"] for r in rows)
 
 
 class ScriptedTransport:
@@ -162,10 +172,10 @@ def test_unknown_client_wrong_version_and_replay_are_rejected() -> None:
     params = {"w": torch.zeros(2)}
     good = {"w": torch.ones(2)}
     script = [
-        Update(client_id=9, version=0, payload=good, num_examples=1),   # unknown client
-        Update(client_id=0, version=7, payload=good, num_examples=1),   # no such version
-        Update(client_id=0, version=0, payload=good, num_examples=1),   # accepted
-        Update(client_id=0, version=0, payload=good, num_examples=1),   # replay
+        Update(client_id=9, version=0, payload=good, num_examples=1),  # unknown client
+        Update(client_id=0, version=7, payload=good, num_examples=1),  # no such version
+        Update(client_id=0, version=0, payload=good, num_examples=1),  # accepted
+        Update(client_id=0, version=0, payload=good, num_examples=1),  # replay
         Update(client_id=1, version=0, payload=good, num_examples=-5),  # negative count
     ]
     transport = ScriptedTransport(script)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import small_config
+from fedlab.strategies import FedAvg
+
 from fedlab import seeding
 from fedlab.sim import build_engine, build_workload
-from fedlab.strategies import FedAvg
 from fedlab.types import Round, Update
 
 
@@ -76,13 +76,17 @@ def test_fedsgd_equivalence_full_batch_one_step() -> None:
     W = x0["weight"].clone().requires_grad_(True)
     b = x0["bias"].clone().requires_grad_(True)
     gW, gb = torch.autograd.grad(F.cross_entropy(xs @ W.T + b, ys), [W, b])
-    torch.testing.assert_close(engine.params["weight"], x0["weight"] - 0.3 * gW, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        engine.params["weight"], x0["weight"] - 0.3 * gW, atol=1e-6, rtol=1e-5
+    )
     torch.testing.assert_close(engine.params["bias"], x0["bias"] - 0.3 * gb, atol=1e-6, rtol=1e-5)
 
 
 def _updates(deltas: list[torch.Tensor], ns: list[int]) -> list[Update]:
-    return [Update(client_id=i, version=0, payload={"w": d}, num_examples=n)
-            for i, (d, n) in enumerate(zip(deltas, ns, strict=True))]
+    return [
+        Update(client_id=i, version=0, payload={"w": d}, num_examples=n)
+        for i, (d, n) in enumerate(zip(deltas, ns, strict=True))
+    ]
 
 
 ROUND = Round(version=0, time=0.0, num_clients=3)
@@ -127,8 +131,13 @@ def test_no_updates_leaves_model_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"server_lr": 0.0}, {"server_lr": float("nan")}, {"server_momentum": 1.0},
-               {"weighting": "median"}],
+    "kwargs",
+    [
+        {"server_lr": 0.0},
+        {"server_lr": float("nan")},
+        {"server_momentum": 1.0},
+        {"weighting": "median"},
+    ],
 )
 def test_bad_hyperparameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -12,7 +12,11 @@ from fedlab import tensorio
 def test_round_trip_keeps_values_dtypes_and_structure() -> None:
     obj = {
         "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-        "b": [torch.tensor(3, dtype=torch.int64), torch.ones(0), torch.zeros(2, dtype=torch.bfloat16)],
+        "b": [
+            torch.tensor(3, dtype=torch.int64),
+            torch.ones(0),
+            torch.zeros(2, dtype=torch.bfloat16),
+        ],
         "c": {"x": 1, "y": 2.5, "z": None, "w": True, "s": "text", "n": float("nan")},
         "ints": {3: torch.ones(2, dtype=torch.float16), 10: "v"},
     }
@@ -41,8 +45,17 @@ def test_random_bytes_never_crash_differently() -> None:
     gen = torch.Generator().manual_seed(0)
     good = tensorio.dumps({"w": torch.randn(3)})
     for i in range(200):
-        noise = torch.randint(0, 256, (int(torch.randint(0, 200, (1,), generator=gen)),),
-                              generator=gen, dtype=torch.uint8).numpy().tobytes()
+        noise = (
+            torch.randint(
+                0,
+                256,
+                (int(torch.randint(0, 200, (1,), generator=gen)),),
+                generator=gen,
+                dtype=torch.uint8,
+            )
+            .numpy()
+            .tobytes()
+        )
         blob = good[: i % len(good)] + noise
         with pytest.raises(tensorio.CorruptFileError):
             tensorio.loads(blob)

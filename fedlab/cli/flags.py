@@ -52,17 +52,26 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
         parser.add_argument(
-            flag, type=kind, default=None, metavar=f.name.upper(),
+            flag,
+            type=kind,
+            default=None,
+            metavar=f.name.upper(),
             help=f"{HELP.get(f.name, '')} (default: {f.default!r})",
-        )  # fmt: skip
+        )
     parser.add_argument(
-        "--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
+        "--strategy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a strategy hyperparameter, e.g. server_lr=1.0 (repeatable)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--client-opt", action="append", default=[], metavar="KEY=VALUE",
+        "--client-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a client-half option, e.g. momentum=0.9 (repeatable)",
-    )  # fmt: skip
+    )
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:

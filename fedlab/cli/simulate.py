@@ -19,9 +19,10 @@ from fedlab.sim import build_engine, build_workload
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the subcommand."""
     p = sub.add_parser(
-        "simulate", help="simulate a federation on this machine",
+        "simulate",
+        help="simulate a federation on this machine",
         description="Simulate a federation. Every flag has a key of the same name in --config.",
-    )  # fmt: skip
+    )
     add_run_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         )
     workload = build_workload(config)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    evaluator = Evaluator(workload, every=config.eval_every, final=config.rounds,
-                          device=config.device)  # fmt: skip
+    evaluator = Evaluator(
+        workload, every=config.eval_every, final=config.rounds, device=config.device
+    )
     callbacks: list[Any] = [evaluator, metrics]
     engine = build_engine(config, run_dir=run_dir, callbacks=callbacks, workload=workload)
     if args.resume:

@@ -22,16 +22,22 @@ from fedlab.sim.transport import Executor, SimTransport
 from fedlab.strategy import Strategy
 from fedlab.transforms import Pipeline
 
-__all__ = ["build_engine", "build_runtime", "build_workload", "SimTransport", "SpeedModel"]
+__all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
 
 
 def build_workload(config: RunConfig) -> Workload:
     """The workload named by ``config`` (built-in or the user's dotted paths)."""
     return make_workload(
-        config.workload, num_clients=config.clients, seed=config.seed, model=config.model,
-        data=config.data or None, partition=config.partition, alpha=config.alpha,
-        synthetic_alpha=config.synthetic_alpha, synthetic_beta=config.synthetic_beta,
-    )  # fmt: skip
+        config.workload,
+        num_clients=config.clients,
+        seed=config.seed,
+        model=config.model,
+        data=config.data or None,
+        partition=config.partition,
+        alpha=config.alpha,
+        synthetic_alpha=config.synthetic_alpha,
+        synthetic_beta=config.synthetic_beta,
+    )
 
 
 def build_strategy(config: RunConfig) -> Strategy:
@@ -60,8 +66,10 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     return ClientRuntime(
         workload=workload or build_workload(config),
         algorithm=build_algorithm(config, build_strategy(config)),
-        pipeline=Pipeline(), seed=config.seed, device=config.device,
-    )  # fmt: skip
+        pipeline=Pipeline(),
+        seed=config.seed,
+        device=config.device,
+    )
 
 
 def build_executor(config: RunConfig, workload: Workload) -> Executor:
@@ -74,24 +82,36 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
 
 
 def build_engine(
-    config: RunConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
     workload: Workload | None = None,
-) -> Engine:  # fmt: skip
+) -> Engine:
     """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run."""
     workload = workload or build_workload(config)
     strategy = build_strategy(config)
     build_algorithm(config, strategy)  # fail on a bad client name before starting workers
     speeds = SpeedModel(
-        distribution=config.speed, mean=config.speed_mean, spread=config.speed_spread,
+        distribution=config.speed,
+        mean=config.speed_mean,
+        spread=config.speed_spread,
         seed=config.seed,
-    )  # fmt: skip
+    )
     transport = SimTransport(
         executor=build_executor(config, workload), num_clients=config.clients, speeds=speeds
     )
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
     return Engine(
-        strategy=strategy, transport=transport, params=params, seed=config.seed,
-        fraction=config.fraction, min_clients=config.min_clients,
-        concurrency=config.concurrency or None, run_dir=run_dir,
-        fingerprint=config.fingerprint(), callbacks=callbacks, task_config=config.task_config,
-    )  # fmt: skip
+        strategy=strategy,
+        transport=transport,
+        params=params,
+        seed=config.seed,
+        fraction=config.fraction,
+        min_clients=config.min_clients,
+        concurrency=config.concurrency or None,
+        run_dir=run_dir,
+        fingerprint=config.fingerprint(),
+        callbacks=callbacks,
+        task_config=config.task_config,
+    )

@@ -52,9 +52,13 @@ class SimTransport:
     """
 
     def __init__(
-        self, *, executor: Executor, num_clients: int, speeds: SpeedModel,
+        self,
+        *,
+        executor: Executor,
+        num_clients: int,
+        speeds: SpeedModel,
         store: MemoryStore | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.executor = executor
         self.num_clients = num_clients
         self.speeds = speeds
