@@ -69,12 +69,10 @@ class LocalSGD(ClientAlgorithm):
             if epochs > 0
             else int(self._setting(task, "local_steps"))
         )
-        opt = torch.optim.SGD(
-            model.parameters(),
-            lr=lr,
-            momentum=float(self._setting(task, "momentum")),
-            weight_decay=float(self._setting(task, "weight_decay")),
-        )
+        momentum = float(self._setting(task, "momentum"))
+        weight_decay = float(self._setting(task, "weight_decay"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        buffers: list[torch.Tensor] = []
         model.train()
         loss_sum = torch.zeros((), device=data.x.device)
         correct = torch.zeros((), device=data.x.device, dtype=torch.long)
@@ -84,9 +82,23 @@ class LocalSGD(ClientAlgorithm):
             x, y = data.x[idx], data.y[idx]
             out = model(x)
             loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
-            opt.step()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                # torch.optim.SGD's update (no dampening, no Nesterov) written out: for small
+                # models its per-step bookkeeping costs more than the arithmetic.
+                if weight_decay:
+                    grads = tuple(
+                        g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=True)
+                    )
+                if momentum:
+                    if buffers:
+                        for b, g in zip(buffers, grads, strict=True):
+                            b.mul_(momentum).add_(g)
+                    else:
+                        buffers = [g.clone() for g in grads]
+                    grads = tuple(buffers)
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g, alpha=-lr)
             loss_sum += loss.detach() * len(idx)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(idx)

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-from fedlab.strategies import FedAvg
 
 from fedlab.config import RunConfig
 from fedlab.engine import Engine
+from fedlab.strategies import FedAvg
 from fedlab.strategy import Buffer, Period, Trigger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_params_equal
 
+from conftest import assert_params_equal
 from fedlab import tensorio
 from fedlab.cli import main
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import BufferedFedAvg, PeriodicFedAvg, Rows, assert_params_equal, small_config
-from fedlab.strategies import FedAvg
 from torch import nn
 
+from conftest import BufferedFedAvg, PeriodicFedAvg, Rows, assert_params_equal, small_config
 from fedlab import registry, tensorio
 from fedlab.client import ClientContext, Fit
 from fedlab.data import ClientData
 from fedlab.engine import CHECKPOINT, PREVIOUS, CheckpointError, Engine
 from fedlab.sim import build_engine
+from fedlab.strategies import FedAvg
 from fedlab.types import State, Task, Update
 
 registry.register("strategies", "test-buffered", BufferedFedAvg)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
-from fedlab.strategies import FedAvg
 
+from conftest import small_config
 from fedlab import seeding
 from fedlab.sim import build_engine, build_workload
+from fedlab.strategies import FedAvg
 from fedlab.types import Round, Update
 
 
@@ -142,3 +142,27 @@ def test_no_updates_leaves_model_unchanged() -> None:
 def test_bad_hyperparameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         FedAvg(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.5, 0.01)])
+def test_local_sgd_matches_torch_optim_sgd(momentum: float, weight_decay: float) -> None:
+    """The hand-written local update is exactly torch.optim.SGD's."""
+    from fedlab.client import ClientContext, minibatches
+    from fedlab.clients import LocalSGD
+    from fedlab.types import Task
+
+    config = small_config(clients=3)
+    workload = build_workload(config)
+    data = workload.client_data(1)
+    ours, ref = workload.make_model(), workload.make_model()
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    task = Task(0, start, {"momentum": momentum, "weight_decay": weight_decay, "local_steps": 5})
+    fit = LocalSGD().fit(ours, data, task, None, ClientContext(client_id=1, seed=config.seed))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    gen = ClientContext(client_id=1, seed=config.seed).generator(0)
+    for idx in minibatches(len(data), 32, 5, gen):
+        opt.zero_grad()
+        F.cross_entropy(ref(data.x[idx]), data.y[idx]).backward()
+        opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(fit.payload[k], v - start[k], rtol=1e-6, atol=1e-7)

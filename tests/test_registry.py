@@ -3,9 +3,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from fedlab.strategies import FedAvg
 
 from fedlab import registry
+from fedlab.strategies import FedAvg
 
 
 def test_builtin_names_and_dotted_paths() -> None:
