@@ -8,6 +8,7 @@ same runtime serves in-process simulation, Ray actors and the deployed gRPC clie
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,11 +17,12 @@ import torch
 from torch import nn
 
 from fedlab import seeding
+from fedlab.data import ClientData
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.types import ClientId, Metrics, Params, State, Task, Update
 
 if TYPE_CHECKING:
-    from fedlab.data import ClientData, Workload
+    from fedlab.data import Workload
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class ClientRuntime:
         pipeline: update transforms applied to every payload before it leaves the client.
         seed: the run seed.
         device: where to train.
+        cache_mb: client data kept in memory between tasks (0 disables the cache).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class ClientRuntime:
         pipeline: Pipeline | None = None,
         seed: int,
         device: str | torch.device = "cpu",
+        cache_mb: float = 256,
     ) -> None:
         self.workload = workload
         self.algorithm = algorithm
@@ -123,6 +127,31 @@ class ClientRuntime:
         self.device = torch.device(device)
         self.model = workload.make_model().to(self.device)
         self._slots = dict(self.model.state_dict(keep_vars=False))
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[ClientId, ClientData] = OrderedDict()
+        self._cached = 0
+
+    def _data(self, client_id: ClientId) -> ClientData:
+        """The client's data on the training device, from a least-recently-used cache.
+
+        Client data is a pure function of ``(seed, client_id)``, so caching it changes no
+        result; it only saves regenerating (or re-loading) clients sampled again.
+        """
+        data = self._cache.get(client_id)
+        if data is not None:
+            self._cache.move_to_end(client_id)
+            return data
+        data = self.workload.client_data(client_id)
+        if self.device.type != "cpu":
+            data = type(data)(x=data.x.to(self.device), y=data.y.to(self.device))
+        size = data.x.nbytes + data.y.nbytes
+        if size <= self.cache_bytes:
+            self._cache[client_id] = data
+            self._cached += size
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= old.x.nbytes + old.y.nbytes
+        return data
 
     def run(self, client_id: ClientId, task: Task, state: State | None) -> tuple[Update, State]:
         """Train ``client_id`` on ``task``; return the encoded update and the client's new state.
@@ -133,9 +162,7 @@ class ClientRuntime:
         state = state or {}
         model = self.algorithm.setup(self.model, task)
         load_params(self._slots, task.params)
-        data = self.workload.client_data(client_id)
-        if self.device.type != "cpu":
-            data = type(data)(x=data.x.to(self.device), y=data.y.to(self.device))
+        data = self._data(client_id)
         ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
         fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
         tctx = TransformContext(client_id=client_id, version=task.version, seed=self.seed)

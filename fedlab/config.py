@@ -79,6 +79,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     device: str = "cpu"
     threads: int = 1
+    cache_mb: float = 256.0
     speed: str = "lognormal"
     speed_mean: float = 1.0
     speed_spread: float = 0.5

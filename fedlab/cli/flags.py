@@ -35,6 +35,7 @@ HELP = {
     "gpus_per_worker": "GPU fraction reserved per Ray actor",
     "device": "torch device for client training (cpu, cuda, cuda:1)",
     "threads": "torch threads per worker; 1 avoids oversubscription with small models",
+    "cache_mb": "MiB of client data each worker keeps between tasks (0: regenerate every time)",
     "speed": "client compute-speed distribution for the virtual clock",
     "speed_mean": "mean seconds per local step on the virtual clock",
     "speed_spread": "spread of client speeds (lognormal sigma, uniform half-width)",

@@ -84,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
         engine.callbacks.append(progress)
     try:
         engine.run(config.rounds)
+    except KeyboardInterrupt:
+        print(
+            f"stopped at version {engine.version}; continue with: "
+            f"fedlab simulate --resume {run_dir}"
+        )
+        raise
     finally:
         if progress is not None:
             progress.close()

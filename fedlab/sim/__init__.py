@@ -69,6 +69,7 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
         pipeline=Pipeline(),
         seed=config.seed,
         device=config.device,
+        cache_mb=config.cache_mb,
     )
 
 
