@@ -38,6 +38,7 @@ NOT_FINGERPRINTED = frozenset(
         "progress",
         "config",
         "threads",
+        "cache_mb",
     }
 )
 
@@ -97,6 +98,7 @@ class RunConfig:
             "gpus_per_worker",
             "alpha",
             "speed_spread",
+            "cache_mb",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean")
         if not 0 < self.fraction <= 1:

@@ -476,10 +476,10 @@ def _as_client_data(result: object, source: str) -> ClientData:
     ):
         x, y = result
     else:
-        raise ValueError(
-            f"{source} must return ClientData or a (x, y) tuple of tensors, "
-            f"got {type(result).__name__}"
-        )
+        got = type(result).__name__
+        if isinstance(result, tuple):
+            got = f"tuple of ({', '.join(type(r).__name__ for r in result)})"
+        raise ValueError(f"{source} must return ClientData or a (x, y) tuple of tensors, got {got}")
     if not x.is_floating_point():
         raise ValueError(f"{source} returned x of dtype {x.dtype}; expected floating point")
     if y.dtype != torch.int64:
@@ -537,6 +537,12 @@ class _CustomWorkload:
             self._test = _as_client_data(load_test(seed), test_source)
         else:
             parts = [self._load(k) for k in range(min(num_clients, _CUSTOM_TEST_CLIENTS))]
+            for k, part in enumerate(parts):
+                if part.x.shape[1:] != parts[0].x.shape[1:]:
+                    raise ValueError(
+                        f"{self._source}: client {k} has features of shape "
+                        f"{tuple(part.x.shape[1:])}, client 0 has {tuple(parts[0].x.shape[1:])}"
+                    )
             self._test = _concat(parts)
         self.num_classes = int(self._test.y.max()) + 1
         self._feature_shape = tuple(self._test.x.shape[1:])
@@ -594,8 +600,8 @@ def make_workload(
     alpha: float = 0.5,
     shards_per_client: int = 2,
     sigma: float = 1.0,
-    synthetic_alpha: float = 1.0,
-    synthetic_beta: float = 1.0,
+    synthetic_alpha: float = 0.5,
+    synthetic_beta: float = 0.5,
 ) -> Workload:
     """Build a workload whose client data is generated lazily from ``(seed, client_id)``.
 
@@ -653,12 +659,12 @@ def make_workload(
         if name in WORKLOADS:
             raise ValueError(
                 f"data={data!r} supplies a custom workload, but name={name!r} is a built-in "
-                "workload; pass name='custom'"
+                "workload; pass name='custom' (--workload custom)"
             )
         if partition != "natural":
             raise ValueError(
                 f"partition {partition!r} does not apply to custom data: load_client decides "
-                "each client's examples; use partition='natural'"
+                "each client's examples; use partition='natural' (--partition natural)"
             )
         return _CustomWorkload(
             name=name, data=data, num_clients=num_clients, seed=seed, model=model

@@ -415,7 +415,13 @@ class Engine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / CHECKPOINT
         tmp = self.run_dir / (CHECKPOINT + ".new")
-        tensorio.save(tmp, self.state_dict())
+        try:
+            tensorio.save(tmp, self.state_dict())
+        except TypeError as e:
+            raise CheckpointError(
+                f"cannot checkpoint version {self.version}: state must hold only tensors, "
+                f"numbers, strings, booleans, None, lists and dicts ({e})"
+            ) from e
         if path.exists():
             os.replace(path, self.run_dir / PREVIOUS)
         os.replace(tmp, path)

@@ -49,7 +49,7 @@ def dumps(obj: Any) -> bytes:
     metas: list[dict[str, Any]] = []
     offset = 0
 
-    def enc(o: Any) -> Any:
+    def enc(o: Any, path: str = "") -> Any:
         nonlocal offset
         if isinstance(o, torch.Tensor):
             t = o.detach().to("cpu").contiguous()
@@ -72,13 +72,13 @@ def dumps(obj: Any) -> bytes:
             return {"f": repr(o)} if not math.isfinite(o) else {"v": o}
         if isinstance(o, dict):
             if all(isinstance(k, str) for k in o):
-                return {"d": {k: enc(v) for k, v in o.items()}}
+                return {"d": {k: enc(v, f"{path}/{k}") for k, v in o.items()}}
             if all(isinstance(k, int) and not isinstance(k, bool) for k in o):
-                return {"di": [[k, enc(v)] for k, v in o.items()]}
-            raise TypeError("dict keys must be all str or all int")
+                return {"di": [[k, enc(v, f"{path}/{k}")] for k, v in o.items()]}
+            raise TypeError(f"dict keys at {path or '/'} must be all str or all int")
         if isinstance(o, list | tuple):
-            return {"l": [enc(v) for v in o]}
-        raise TypeError(f"cannot serialize {type(o).__name__}")
+            return {"l": [enc(v, f"{path}/{i}") for i, v in enumerate(o)]}
+        raise TypeError(f"cannot serialize {type(o).__name__} at {path or '/'}")
 
     tree = enc(obj)
     header = json.dumps({"tree": tree, "tensors": metas}, allow_nan=False).encode()

@@ -245,3 +245,22 @@ def test_checkpoint_holds_no_pickle(tmp_path: Path) -> None:
     assert b"\x80\x04" not in raw[:64]  # no pickle protocol header
     ckpt = tensorio.load(tmp_path / CHECKPOINT)
     assert ckpt["version"] == 1 and set(ckpt["params"]) == {"weight", "bias"}
+
+
+def test_unserializable_strategy_state_fails_with_a_checkpoint_error(tmp_path: Path) -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Leaky(FedAvg):
+        def init(self, params: Any) -> State:
+            return {"history": [object()]}
+
+    registry.register("strategies", "test-leaky", Leaky)
+    engine = build_engine(small_config(strategy="test-leaky"), run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"cannot serialize object at /strategy/history/0"):
+        engine.run(1)
+
+
+def test_simulated_time_counts_epochs_when_training_by_epochs() -> None:
+    _, steps = run(small_config(local_steps=3, speed="constant"), 1)
+    _, epochs = run(small_config(local_epochs=5.0, speed="constant"), 1)
+    assert steps[0]["time"] == pytest.approx(3.0)
+    assert epochs[0]["time"] == pytest.approx(5.0)

@@ -72,3 +72,8 @@ def test_save_is_atomic_and_loadable(tmp_path: Path) -> None:
     tensorio.save(p, {"v": 2})
     assert tensorio.load(p) == {"v": 2}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unserializable_value_is_named_by_its_path() -> None:
+    with pytest.raises(TypeError, match="cannot serialize object at /a/1/b"):
+        tensorio.dumps({"a": [1, {"b": object()}]})

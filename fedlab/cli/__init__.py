@@ -9,15 +9,20 @@ from collections.abc import Sequence
 from fedlab.cli import plot, simulate, strategies
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedlab`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedlab`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="fedlab", description="Federated learning for PyTorch: simulate, deploy, extend."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (simulate, strategies, plot):
         module.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedlab`` console script."""
+    args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         return code

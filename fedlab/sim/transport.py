@@ -79,7 +79,9 @@ class SimTransport:
             raise RuntimeError(f"client {client_id} already has a task")
         finish = self._restored.pop(client_id, None)
         if finish is None:
-            work = float(task.config.get("local_steps") or task.config.get("local_epochs") or 1)
+            # Work is in the unit the task trains for: epochs when given, otherwise steps.
+            epochs = float(task.config.get("local_epochs") or 0)
+            work = epochs if epochs > 0 else float(task.config.get("local_steps") or 1)
             finish = self._now + self.speeds.duration(client_id, work)
         heapq.heappush(self._heap, (finish, client_id))
         self._jobs[client_id] = task.version
