@@ -1,0 +1,270 @@
+"""The Ray backend: a pool of actors that train clients, each on one persistent model.
+
+Actors are workers, not clients. Each builds one :class:`~fedlab.client.ClientRuntime` with
+:func:`fedlab.sim.build_runtime` and serves whichever client a job names, loading the job's
+params into its model in place, so a pool of 2 actors trains 1000 clients with 2 models.
+
+Everything fedlab sends across the process boundary is :mod:`fedlab.tensorio` bytes: params,
+client state, task settings, update payloads and metrics are never pickled. A version's params
+are serialized and put into the object store once, and every job of that version refers to
+the same object; each actor decodes it once and keeps it for the jobs that follow.
+
+Results are bit-identical to the in-process backend: an actor runs exactly
+``runtime.run(client_id, task, state)`` with the same seed, tensorio keeps dtypes and bytes
+exactly, and the virtual clock in front of the executor decides the order results are used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from fedlab import registry, tensorio
+from fedlab.config import RunConfig, from_mapping
+from fedlab.registry import Group
+from fedlab.sim.transport import Job
+from fedlab.types import ClientId, Params, State, Task, Update
+
+__all__ = ["RayExecutor"]
+
+# Decoded params an actor keeps: asynchronous strategies interleave jobs of a few versions,
+# and re-decoding a large model for every job would cost more than the training.
+_ACTOR_PARAMS_CACHE = 4
+
+
+class _Worker:
+    """The body of one Ray actor: a client runtime serving any client.
+
+    Args:
+        config_json: the run configuration as JSON (``RunConfig.to_dict``).
+        registered: ``(group, name, object)`` entries to register before building the
+            runtime: names registered in the driver with :func:`fedlab.registry.register`
+            do not exist in a fresh actor process otherwise.
+    """
+
+    def __init__(self, config_json: str, registered: list[tuple[Group, str, Any]]) -> None:
+        from fedlab.sim import build_runtime
+
+        for group, name, obj in registered:
+            registry.register(group, name, obj)
+        self.runtime = build_runtime(from_mapping(json.loads(config_json)))
+        self._params: OrderedDict[int, Params] = OrderedDict()
+
+    def run(self, token: int, params_ref: list[Any], job: bytes) -> bytes:
+        """Train the client that ``job`` names; return its update and state as tensorio bytes.
+
+        ``params_ref`` is a one-element list so that Ray hands over the reference instead of
+        fetching and copying the object for every call; it is fetched only when ``token``
+        (the driver's id of that params version) is not cached here.
+        """
+        params = self._params.get(token)
+        if params is None:
+            params = tensorio.loads(ray.get(params_ref[0]))
+            self._params[token] = params
+            while len(self._params) > _ACTOR_PARAMS_CACHE:
+                self._params.popitem(last=False)
+        else:
+            self._params.move_to_end(token)
+        spec = tensorio.loads(job)
+        task = Task(version=spec["version"], params=params, config=spec["config"])
+        update, state = self.runtime.run(spec["client_id"], task, spec["state"])
+        return tensorio.dumps(
+            {
+                "client_id": update.client_id,
+                "version": update.version,
+                "payload": dict(update.payload),
+                "num_examples": update.num_examples,
+                "metrics": dict(update.metrics),
+                "state": state,
+            }
+        )
+
+
+@dataclass
+class _CachedParams:
+    """One params version in the object store, shared by every job that starts from it."""
+
+    params: Params  # held so that id(params) cannot be reused while the entry lives
+    ref: Any
+    token: int
+    users: int = 0
+
+
+@dataclass
+class _Pending:
+    """A submitted job whose result has not been collected."""
+
+    ref: Any
+    actor: int
+    key: tuple[int, int]
+
+
+class RayExecutor:
+    """Trains clients on a pool of ``config.workers`` Ray actors.
+
+    Starts a light local Ray cluster unless Ray is already initialized (or joins
+    ``config.ray_address``). Jobs are dispatched as they are submitted, each to the actor with
+    the fewest unfinished jobs (ties to the lowest index); :meth:`result` blocks on one
+    client's job.
+
+    Args:
+        config: the run configuration; actors build their runtime from it.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._started_ray = False
+        self._actors: list[Any] = []
+        self._running: list[list[Any]] = []  # per actor: refs of jobs that may not be done
+        self._pending: dict[ClientId, _Pending] = {}
+        self._params: dict[tuple[int, int], _CachedParams] = {}
+        self._tokens = 0
+        if not ray.is_initialized():
+            self._init_ray(config)
+        try:
+            self._start_actors(config)
+        except BaseException:
+            self.close()  # do not leave a cluster behind that nobody will shut down
+            raise
+
+    def _start_actors(self, config: RunConfig) -> None:
+        needed = config.workers * config.cpus_per_worker
+        available = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+        if needed > available:
+            warnings.warn(
+                f"{config.workers} Ray workers need {needed:g} CPUs but the cluster has "
+                f"{available:g}; the ones that do not fit wait (lower cpus_per_worker)",
+                RuntimeWarning, stacklevel=3,
+            )  # fmt: skip
+        remote = ray.remote(_Worker).options(
+            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker
+        )
+        registered = _registrations(config)
+        config_json = json.dumps(config.to_dict())
+        self._actors = [remote.remote(config_json, registered) for _ in range(config.workers)]
+        self._running = [[] for _ in self._actors]
+
+    def _init_ray(self, config: RunConfig) -> None:
+        kwargs: dict[str, Any] = {
+            "address": config.ray_address or None,
+            "include_dashboard": False,
+            # Actor output would interleave with the progress bar; errors still reach the
+            # driver as exceptions from result().
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
+        if not config.ray_address:
+            # Enough logical CPUs for every actor even on a small machine: the actors share
+            # the cores anyway, and a pool that cannot be scheduled would wait forever.
+            kwargs["num_cpus"] = max(2, math.ceil(config.workers * config.cpus_per_worker))
+        with warnings.catch_warnings():
+            # Ray warns about a future change of CUDA_VISIBLE_DEVICES handling on every start.
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(**kwargs)
+        self._started_ray = True
+
+    def submit(self, job: Job) -> None:
+        """Send ``job`` to the least busy actor now; its params go to the object store once."""
+        cid = job.client_id
+        if cid in self._pending:
+            raise RuntimeError(f"client {cid} already has a job")
+        params = job.task.params
+        key = (job.task.version, id(params))
+        cached = self._params.get(key)
+        if cached is None:
+            self._tokens += 1
+            ref = ray.put(tensorio.dumps(dict(params)))
+            cached = self._params[key] = _CachedParams(params, ref, self._tokens)
+        cached.users += 1
+        spec = tensorio.dumps(
+            {"client_id": cid, "version": job.task.version, "config": dict(job.task.config),
+             "state": job.state}
+        )  # fmt: skip
+        actor = self._least_busy()
+        ref = self._actors[actor].run.remote(cached.token, [cached.ref], spec)
+        self._running[actor].append(ref)
+        self._pending[cid] = _Pending(ref, actor, key)
+
+    def _least_busy(self) -> int:
+        busy = [r for refs in self._running for r in refs]
+        if busy:
+            done, _ = ray.wait(busy, num_returns=len(busy), timeout=0, fetch_local=False)
+            finished = set(done)
+            self._running = [[r for r in refs if r not in finished] for refs in self._running]
+        loads = [len(refs) for refs in self._running]
+        return loads.index(min(loads))
+
+    def result(self, client_id: ClientId) -> tuple[Update, State]:
+        """Block until ``client_id``'s job is done.
+
+        Raises:
+            RuntimeError: the job failed in its actor (or the actor died); the message names
+                the client and carries the remote error.
+        """
+        pending = self._pending.pop(client_id, None)
+        if pending is None:
+            raise RuntimeError(f"client {client_id} has no job")
+        try:
+            data = ray.get(pending.ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, BaseException) else None
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+            raise RuntimeError(
+                f"client {client_id} failed on Ray worker {pending.actor}: {detail}\n"
+                f"remote traceback:\n{e}"
+            ) from e
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"client {client_id}: Ray worker {pending.actor} failed: {e}") from e
+        finally:
+            self._release(pending)
+        out = tensorio.loads(data)
+        update = Update(
+            client_id=out["client_id"], version=out["version"], payload=out["payload"],
+            num_examples=out["num_examples"], metrics=out["metrics"],
+        )  # fmt: skip
+        return update, out["state"]
+
+    def _release(self, pending: _Pending) -> None:
+        refs = self._running[pending.actor]
+        if pending.ref in refs:
+            refs.remove(pending.ref)
+        cached = self._params[pending.key]
+        cached.users -= 1
+        if cached.users == 0:
+            # No queued job starts from this version any more; the object store frees it
+            # once the actors' borrowed references are gone.
+            del self._params[pending.key]
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this executor started it. Safe to call twice."""
+        if ray.is_initialized():  # whoever started Ray may have shut it down already
+            for actor in self._actors:
+                ray.kill(actor, no_restart=True)
+        self._actors = []
+        self._running = []
+        self._pending.clear()
+        self._params.clear()
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
+
+
+def _registrations(config: RunConfig) -> list[tuple[Group, str, Any]]:
+    """The strategy and client objects ``config`` names, for actors to register by name.
+
+    Dotted paths are left out: actors import those themselves (Ray gives workers the driver's
+    ``sys.path``). Classes travel pickled by reference, so their modules must be importable
+    in the workers, as Ray requires of any user code.
+    """
+    from fedlab.sim import build_strategy
+
+    client = config.client or build_strategy(config).client
+    names: list[tuple[Group, str]] = [("strategies", config.strategy), ("clients", client)]
+    return [(g, n, registry.resolve(g, n)) for g, n in names if ":" not in n]
