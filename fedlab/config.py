@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BACKENDS = ("inprocess", "ray")
+MEMORIES = ("memory", "disk")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
 NOT_FINGERPRINTED = frozenset(
@@ -66,6 +67,11 @@ class RunConfig:
     synthetic_alpha: float = 0.5
     synthetic_beta: float = 0.5
     fraction: float = 0.1
+    participation: str = "uniform"
+    participation_options: Mapping[str, Any] = field(default_factory=dict)
+    buffer: int = 0
+    period: float = 0.0
+    memory: str = "memory"
     min_clients: int = 1
     concurrency: int = 0
     local_steps: int = 10
@@ -84,6 +90,9 @@ class RunConfig:
     speed: str = "lognormal"
     speed_mean: float = 1.0
     speed_spread: float = 0.5
+    latency: str = "constant"
+    latency_mean: float = 0.0
+    latency_spread: float = 0.5
     eval_every: int = 1
     out: str = ""
 
@@ -98,7 +107,11 @@ class RunConfig:
             "gpus_per_worker",
             "alpha",
             "speed_spread",
+            "latency_mean",
+            "latency_spread",
             "cache_mb",
+            "buffer",
+            "period",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean")
         if not 0 < self.fraction <= 1:
@@ -107,6 +120,8 @@ class RunConfig:
             raise ConfigError("one of local_steps or local_epochs must be positive")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.memory not in MEMORIES:
+            raise ConfigError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 

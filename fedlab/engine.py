@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedlab import seeding, tensorio
+from fedlab.participation import Participation, Uniform
+from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.transport import Failure, Transport
@@ -78,6 +80,9 @@ class Engine:
         callbacks: called after every version.
         task_config: settings sent with every task (``lr``, ``local_steps``...); a strategy's
             own task config wins over these.
+        participation: which clients are available at each version (default: all, and the
+            server samples ``fraction`` of them).
+        memory: the server's per-client store handed to the strategy as ``Round.memory``.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class Engine:
         fingerprint: str = "",
         callbacks: Sequence[Callback] = (),
         task_config: Mapping[str, Any] | None = None,
+        participation: Participation | None = None,
+        memory: ClientStore | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -115,6 +122,9 @@ class Engine:
         self.fingerprint = fingerprint
         self.callbacks = list(callbacks)
         self.task_config = dict(task_config or {})
+        self.participation: Participation = participation or Uniform()
+        self.memory: ClientStore = memory if memory is not None else MemoryStore()
+        self._available: tuple[ClientId, ...] | None = None
 
         self.params: Params = dict(params)
         self.version = 0
@@ -194,8 +204,13 @@ class Engine:
         return False
 
     def _fill(self, trigger: object) -> None:
-        want = self.slots if isinstance(trigger, EveryRound) else self.concurrency
-        free = want - len(self.inflight) if not isinstance(trigger, EveryRound) else want
+        available = self.participation.participants(self.version)
+        self._available = tuple(available) if available is not None else None
+        if isinstance(trigger, EveryRound):
+            # A participation model that decides participants sends a task to each of them.
+            free = self.slots if available is None else len(available)
+        else:
+            free = self.concurrency - len(self.inflight)
         free = min(free, self.num_clients - len(self.inflight))
         self._filled = True
         if free <= 0:
@@ -207,6 +222,8 @@ class Engine:
             slots=free,
             busy=frozenset(self.inflight),
             seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, self._configure_calls),
+            available=self._available,
+            memory=self.memory,
         )
         self._configure_calls += 1
         tasks = self.strategy.configure(self.state, self.params, rnd)
@@ -298,6 +315,8 @@ class Engine:
             time=self.transport.now(),
             num_clients=self.num_clients,
             seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, 1 << 30),
+            available=self._available,
+            memory=self.memory,
         )
         updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
         params, state, metrics = self.strategy.aggregate(self.state, self.params, updates, rnd)
@@ -376,6 +395,8 @@ class Engine:
             ],
             "wall": _time.perf_counter() - self._wall_start,
             "transport": self.transport.state_dict(),
+            "memory": self.memory.state_dict(),
+            "available": list(self._available) if self._available is not None else None,
         }
 
     def load_state_dict(self, ckpt: State) -> None:
@@ -400,6 +421,9 @@ class Engine:
         self.buffer = [Update(**u) for u in ckpt["buffer"]]
         self._wall_start = _time.perf_counter() - float(ckpt["wall"])
         self.transport.load_state_dict(ckpt["transport"])
+        self.memory.load_state_dict(ckpt["memory"])
+        available = ckpt["available"]
+        self._available = tuple(int(c) for c in available) if available is not None else None
         self.inflight = {}
         self._inflight_config = {}
         for cid, entry in sorted(ckpt["inflight"].items()):
@@ -425,6 +449,7 @@ class Engine:
         if path.exists():
             os.replace(path, self.run_dir / PREVIOUS)
         os.replace(tmp, path)
+        self.memory.checkpointed()
 
     def resume(self) -> None:
         """Load the newest intact checkpoint from ``run_dir``.

@@ -22,6 +22,13 @@ GROUPS: tuple[Group, ...] = ("strategies", "clients", "transforms")
 BUILTIN: dict[Group, dict[str, str]] = {
     "strategies": {
         "fedavg": "fedlab.strategies.fedavg:FedAvg",
+        "fedau": "fedlab.strategies.fedau:FedAU",
+        "known-probability": "fedlab.strategies.fedau:KnownProbability",
+        "fedstale": "fedlab.strategies.fedstale:FedStale",
+        "fedvarp": "fedlab.strategies.fedstale:FedVARP",
+        "fedbuff": "fedlab.strategies.fedbuff:FedBuff",
+        "fedfix": "fedlab.strategies.fedfix:FedFix",
+        "fedasync": "fedlab.strategies.fedfix:FedAsync",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",

@@ -78,9 +78,18 @@ class Strategy:
     def configure(self, state: State, params: Params, round: Round) -> dict[ClientId, Task]:
         """Choose clients for ``round.slots`` new tasks and say what each should do.
 
-        The default samples uniformly among clients that are not busy, with the stream
-        derived from ``round.seed``, and sends every client the current params.
+        The default samples ``round.slots`` clients uniformly among those that are available
+        and not busy, with the stream derived from ``round.seed`` (all of them when there are
+        no more than ``slots``), and sends every client the current params.
         """
+        task = Task(version=round.version, params=params)
+        if round.available is not None:
+            candidates = [c for c in round.available if c not in round.busy]
+            if len(candidates) > round.slots:
+                rng = seeding.numpy_rng(round.seed, seeding.SAMPLE)
+                picked = rng.choice(len(candidates), size=round.slots, replace=False)
+                candidates = sorted(candidates[int(i)] for i in picked)
+            return {c: task for c in candidates}
         rng = seeding.numpy_rng(round.seed, seeding.SAMPLE)
         chosen = seeding.sample_without_replacement(
             rng,
@@ -88,7 +97,6 @@ class Strategy:
             min(round.slots, round.num_clients - len(round.busy)),
             round.busy,
         )
-        task = Task(version=round.version, params=params)
         return {c: task for c in chosen}
 
     def validate(self, update: Update, params: Params) -> None:

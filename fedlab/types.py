@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fedlab.store import ClientStore
 
 Params = Mapping[str, torch.Tensor]
 """Model parameters (or any named tensors: deltas, rankings, R matrices...)."""
@@ -75,6 +78,10 @@ class Round:
         busy: clients that hold a task already and must not get another.
         seed: a seed derived from ``(run seed, version, call counter)`` for this call's
             randomness, so results never depend on scheduling.
+        available: the clients that can take part now, as the participation model decides
+            (``None``: every client is available and the server samples).
+        memory: the server's per-client store (FedStale's last updates, ...), checkpointed
+            by the engine with everything else; ``None`` outside an engine.
     """
 
     version: int
@@ -83,3 +90,5 @@ class Round:
     slots: int = 0
     busy: frozenset[ClientId] = frozenset()
     seed: int = 0
+    available: tuple[ClientId, ...] | None = None
+    memory: ClientStore | None = None

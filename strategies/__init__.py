@@ -10,7 +10,16 @@ from typing import Any
 
 from fedlab.registry import BUILTIN, load_dotted
 
-__all__ = ["FedAvg"]
+__all__ = [
+    "FedAU",
+    "FedAsync",
+    "FedAvg",
+    "FedBuff",
+    "FedFix",
+    "FedStale",
+    "FedVARP",
+    "KnownProbability",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,11 @@ HELP = {
     "synthetic_alpha": "Synthetic(alpha, beta) model heterogeneity (with --partition natural)",
     "synthetic_beta": "Synthetic(alpha, beta) feature heterogeneity (with --partition natural)",
     "fraction": "share of clients per version (or in flight, for asynchronous strategies)",
+    "participation": "who is available each version: uniform (server samples --fraction), "
+    "bernoulli, cyclic, markov or trace",
+    "buffer": "updates per aggregation for buffered asynchronous strategies (FedBuff's K)",
+    "period": "seconds of simulated time between aggregations for FedFix",
+    "memory": "where the server keeps per-client state: memory, or disk (in the run directory)",
     "min_clients": "fewest clients per version",
     "concurrency": "clients in flight for asynchronous strategies (0: from --fraction)",
     "local_steps": "local SGD steps per task",
@@ -39,6 +44,9 @@ HELP = {
     "speed": "client compute-speed distribution for the virtual clock",
     "speed_mean": "mean seconds per local step on the virtual clock",
     "speed_spread": "spread of client speeds (lognormal sigma, uniform half-width)",
+    "latency": "upload-latency distribution for the virtual clock (same choices as --speed)",
+    "latency_mean": "mean upload latency in seconds (0: none)",
+    "latency_spread": "spread of upload latencies",
     "eval_every": "evaluate the global model every N versions",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
 }
@@ -67,6 +75,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="a strategy hyperparameter, e.g. server_lr=1.0 (repeatable)",
     )
     parser.add_argument(
+        "--participation-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a participation-model option, e.g. p=0.3 (repeatable)",
+    )
+    parser.add_argument(
         "--client-opt",
         action="append",
         default=[],
@@ -85,6 +100,8 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
         out["strategy_options"] = dict(parse_option(o) for o in args.strategy_opt)
     if args.client_opt:
         out["client_options"] = dict(parse_option(o) for o in args.client_opt)
+    if args.participation_opt:
+        out["participation_options"] = dict(parse_option(o) for o in args.participation_opt)
     return out
 
 
@@ -92,7 +109,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the TOML file, then flags; option tables merge key by key."""
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     flags = given_flags(args)
-    for table in ("strategy_options", "client_options"):
+    for table in ("strategy_options", "client_options", "participation_options"):
         if table in flags:
             flags[table] = {**values.get(table, {}), **flags[table]}
     return from_mapping({**values, **flags})

@@ -6,6 +6,7 @@ timing, sampling and results are the same for every backend and worker count.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
 from fedlab.data import Workload, make_workload
 from fedlab.engine import Callback, Engine
+from fedlab.participation import build_participation
 from fedlab.sim.clock import SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
+from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Strategy
 from fedlab.transforms import Pipeline
 
@@ -41,8 +44,16 @@ def build_workload(config: RunConfig) -> Workload:
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    """The strategy named by ``config`` with its options."""
-    strategy = registry.create("strategies", config.strategy, config.strategy_options)
+    """The strategy named by ``config`` with its options.
+
+    ``--buffer`` and ``--period`` are shorthands for the strategy options ``buffer`` and
+    ``period`` (FedBuff's K, FedFix's window); a strategy without such an option refuses them.
+    """
+    options = dict(config.strategy_options)
+    for key in ("buffer", "period"):
+        if getattr(config, key):
+            options.setdefault(key, getattr(config, key))
+    strategy = registry.create("strategies", config.strategy, options)
     if not isinstance(strategy, Strategy):
         raise ValueError(f"{config.strategy!r} is not a fedlab Strategy")
     return strategy
@@ -103,6 +114,26 @@ def build_engine(
         executor=build_executor(config, workload), num_clients=config.clients, speeds=speeds
     )
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
+    participation = build_participation(
+        config.participation,
+        workload=workload,
+        num_clients=config.clients,
+        seed=config.seed,
+        fraction=config.fraction,
+        options=config.participation_options,
+    )
+    if getattr(strategy, "needs_probabilities", False):
+        # The one place the true participation probabilities reach a strategy: baselines
+        # that are defined by knowing them (``known-probability``) ask for them explicitly.
+        probabilities = participation.probabilities()
+        if probabilities is None:
+            raise ValueError(
+                f"strategy {config.strategy!r} needs true participation probabilities, and "
+                f"participation {config.participation!r} defines none"
+            )
+        strategy = dataclasses.replace(  # type: ignore[call-arg]
+            strategy, probabilities=tuple(float(p) for p in probabilities)
+        )
     return Engine(
         strategy=strategy,
         transport=transport,
@@ -115,4 +146,17 @@ def build_engine(
         fingerprint=config.fingerprint(),
         callbacks=callbacks,
         task_config=config.task_config,
+        participation=participation,
+        memory=build_memory(config, run_dir),
     )
+
+
+def build_memory(config: RunConfig, run_dir: str | Path | None) -> ClientStore:
+    """The server's per-client store: in memory, or files under ``RUN_DIR/memory``."""
+    if config.memory == "memory":
+        return MemoryStore()
+    if run_dir is None:
+        raise ValueError("memory = 'disk' needs a run directory (--out)")
+    from fedlab.store import DiskStore
+
+    return DiskStore(Path(run_dir) / "memory")
