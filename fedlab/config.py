@@ -64,6 +64,7 @@ class RunConfig:
     data: str = ""
     partition: str = ""
     alpha: float = 0.5
+    label_swap: float = 0.0
     synthetic_alpha: float = 0.5
     synthetic_beta: float = 0.5
     fraction: float = 0.1
@@ -120,6 +121,8 @@ class RunConfig:
             raise ConfigError("one of local_steps or local_epochs must be positive")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 <= self.label_swap <= 1:
+            raise ConfigError(f"label_swap must be in [0, 1], got {self.label_swap}")
         if self.memory not in MEMORIES:
             raise ConfigError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.seed < 0:

@@ -180,13 +180,25 @@ class Engine:
                 if len(self.buffer) >= self.min_updates:
                     break  # round timeout with enough updates
                 continue
-            if isinstance(event, Failure):
-                self._fail(event)
-            else:
-                self._receive(event)
+            self._handle(event)
+            if isinstance(trigger, Buffer):
+                # Take every update that has already arrived (on a virtual clock: finished at
+                # this same instant) before refilling, so no client restarts on a model the
+                # next aggregation is about to replace.
+                while not self._fires(trigger):
+                    queued = self.transport.next_update(0.0)
+                    if queued is None:
+                        break
+                    self._handle(queued)
             if self._fires(trigger):
                 break
         self._aggregate(trigger)
+
+    def _handle(self, event: Update | Failure) -> None:
+        if isinstance(event, Failure):
+            self._fail(event)
+        else:
+            self._receive(event)
 
     def _timeout(self, trigger: object) -> float | None:
         if isinstance(trigger, Period):

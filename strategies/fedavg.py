@@ -1,19 +1,18 @@
-"""FedAvg with a server learning rate and optional server momentum.
+"""FedAvg with a server learning rate and a server optimizer (SGD, momentum or Adam).
 
 McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
 Networks from Decentralized Data." AISTATS 2017. The server-momentum variant is FedAvgM (Hsu,
-Qi, Brown, 2019): ``v <- mu v + mean_delta; x <- x + eta_g v``.
+Qi, Brown, 2019): ``v <- mu v + mean_delta; x <- x + eta_g v``; the Adam variant is FedAdam
+(Reddi et al., ICLR 2021), see :mod:`fedlab.optim`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from fedlab.strategy import Strategy, floating, weighted_mean
+from fedlab import optim
+from fedlab.strategy import Strategy, weighted_mean
 from fedlab.types import Metrics, Params, Round, State, Update
 
 WEIGHTINGS = ("examples", "uniform")
@@ -21,30 +20,45 @@ WEIGHTINGS = ("examples", "uniform")
 
 @dataclass(frozen=True, kw_only=True)
 class FedAvg(Strategy):
-    """Weighted average of client deltas, applied with a server learning rate.
+    """Weighted average of client deltas, applied by a server optimizer.
 
     Args:
-        server_lr: ``eta_g``; 1.0 with no momentum is the original FedAvg.
-        server_momentum: ``mu``; 0 disables server momentum.
+        server_lr: ``eta_g``; 1.0 with plain SGD and no momentum is the original FedAvg.
+        server_momentum: ``mu`` of server SGD; 0 disables server momentum.
         weighting: ``"examples"`` (``n_i / sum n_j``) or ``"uniform"``.
+        server_optimizer: ``"sgd"`` (FedAvg, FedAvgM) or ``"adam"`` (FedAdam).
+        server_beta1: Adam's first-moment decay.
+        server_beta2: Adam's second-moment decay.
+        server_eps: Adam's ``eps`` (FedOpt's ``tau``).
     """
 
     server_lr: float = 1.0
     server_momentum: float = 0.0
     weighting: str = "examples"
+    server_optimizer: str = "sgd"
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise ValueError(f"server_lr must be positive and finite, got {self.server_lr}")
-        if not 0 <= self.server_momentum < 1:
-            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        self.optimizer  # noqa: B018  (builds it, so a bad hyperparameter fails here)
+
+    @property
+    def optimizer(self) -> optim.ServerOptimizer:
+        """The server optimizer these options describe."""
+        return optim.build(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            eps=self.server_eps,
+        )
 
     def init(self, params: Params) -> State:
-        if self.server_momentum == 0:
-            return {}
-        return {"momentum": {k: torch.zeros_like(v) for k, v in floating(params).items()}}
+        return self.optimizer.init(params)
 
     def aggregate(
         self, state: State, params: Params, updates: Sequence[Update], round: Round
@@ -54,15 +68,7 @@ class FedAvg(Strategy):
         weights = [float(u.num_examples) for u in updates]
         if self.weighting == "uniform" or sum(weights) <= 0:
             weights = [1.0] * len(updates)
-        step = weighted_mean(updates, weights)
-        if self.server_momentum > 0:
-            momentum = {
-                k: state["momentum"][k].mul(self.server_momentum).add_(d) for k, d in step.items()
-            }
-            state = {**state, "momentum": momentum}
-            step = momentum
-        new = dict(params)
-        for k, d in step.items():
-            new[k] = params[k] + self.server_lr * d
-        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in step.values()))
-        return new, state, {"step_norm": norm}
+        opt = self.optimizer
+        direction, state = opt.direction(weighted_mean(updates, weights), state)
+        new = optim.apply(params, direction, opt.lr)
+        return new, state, {"step_norm": optim.norm(direction)}

@@ -17,6 +17,7 @@ HELP = {
     "model": "model: default, logreg/mlp (synthetic), cnn/mlp (digits), or pkg.mod:Net",
     "data": "pkg.mod:load_client, the user's per-client data function",
     "partition": "natural, iid, dirichlet, shards or lognormal (empty: the workload's default)",
+    "label_swap": "digits: share of labels swapped (0<->1 on even clients, 8<->9 on odd)",
     "alpha": "Dirichlet concentration for --partition dirichlet",
     "synthetic_alpha": "Synthetic(alpha, beta) model heterogeneity (with --partition natural)",
     "synthetic_beta": "Synthetic(alpha, beta) feature heterogeneity (with --partition natural)",

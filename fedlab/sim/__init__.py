@@ -18,7 +18,7 @@ from fedlab.config import RunConfig
 from fedlab.data import Workload, make_workload
 from fedlab.engine import Callback, Engine
 from fedlab.participation import build_participation
-from fedlab.sim.clock import SpeedModel
+from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
@@ -38,6 +38,7 @@ def build_workload(config: RunConfig) -> Workload:
         data=config.data or None,
         partition=config.partition,
         alpha=config.alpha,
+        label_swap=config.label_swap,
         synthetic_alpha=config.synthetic_alpha,
         synthetic_beta=config.synthetic_beta,
     )
@@ -109,9 +110,19 @@ def build_engine(
         mean=config.speed_mean,
         spread=config.speed_spread,
         seed=config.seed,
+        num_clients=config.clients,
+    )
+    latency = LatencyModel(
+        distribution=config.latency,
+        mean=config.latency_mean,
+        spread=config.latency_spread,
+        seed=config.seed,
     )
     transport = SimTransport(
-        executor=build_executor(config, workload), num_clients=config.clients, speeds=speeds
+        executor=build_executor(config, workload),
+        num_clients=config.clients,
+        speeds=speeds,
+        latency=latency,
     )
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
     participation = build_participation(

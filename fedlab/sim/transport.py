@@ -10,7 +10,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedlab.sim.clock import SpeedModel
+from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.store import MemoryStore
 from fedlab.transport import Failure
 from fedlab.types import ClientId, State, Task, Update
@@ -49,6 +49,7 @@ class SimTransport:
         num_clients: population size.
         speeds: per-client compute speed.
         store: per-client state kept between versions on the clients' behalf.
+        latency: per-task upload latency added to the compute time (``None``: none).
     """
 
     def __init__(
@@ -58,10 +59,12 @@ class SimTransport:
         num_clients: int,
         speeds: SpeedModel,
         store: MemoryStore | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         self.executor = executor
         self.num_clients = num_clients
         self.speeds = speeds
+        self.latency = latency
         self.store = store if store is not None else MemoryStore()
         self._now = 0.0
         self._heap: list[tuple[float, ClientId]] = []
@@ -82,7 +85,10 @@ class SimTransport:
             # Work is in the unit the task trains for: epochs when given, otherwise steps.
             epochs = float(task.config.get("local_epochs") or 0)
             work = epochs if epochs > 0 else float(task.config.get("local_steps") or 1)
-            finish = self._now + self.speeds.duration(client_id, work)
+            duration = self.speeds.duration(client_id, work)
+            if self.latency is not None:
+                duration += self.latency.delay(client_id, task.version)
+            finish = self._now + duration
         heapq.heappush(self._heap, (finish, client_id))
         self._jobs[client_id] = task.version
         self.executor.submit(Job(client_id, task, self.store.get(client_id)))

@@ -1,0 +1,237 @@
+"""Asynchronous FL under heavy-tailed client speeds: FedBuff and FedFix against sync FedAvg
+and FedAsync, accuracy against simulated time.
+
+Every method keeps the same population training under the same virtual clock (per-client
+speeds drawn once from ``--speed``/``--speed-spread``) and runs until the same simulated time
+budget. Sync FedAvg (Fraboni's "FL") gives every client a task each version and waits for the
+slowest; FedBuff, FedFix and FedAsync keep every client busy (``concurrency = clients``, as in
+Fraboni et al.'s experiments). The global model is evaluated on a grid of simulated times (the
+model in force at each grid time), so the cost of evaluation does not depend on how often a
+method aggregates.
+
+    python benchmarks/repro_async.py --seeds 3 --plot async.png --json async.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlab.callbacks import Evaluator
+from fedlab.config import RunConfig
+from fedlab.engine import Engine
+from fedlab.sim import build_engine, build_workload
+from fedlab.types import Params
+
+
+class TimeGrid:
+    """Evaluates the model in force at each point of a grid of simulated times."""
+
+    def __init__(self, evaluator: Evaluator, grid: list[float], params: Params) -> None:
+        self.evaluator = evaluator
+        self.grid = grid
+        self.acc: list[float] = []
+        self._last = dict(params)
+        self._last_acc: float | None = None
+
+    def _eval_last(self) -> float:
+        if self._last_acc is None:
+            self._last_acc = self.evaluator.evaluate(self._last)["accuracy"]
+        return self._last_acc
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        # Grid points before this aggregation saw the previous model.
+        while len(self.acc) < len(self.grid) and self.grid[len(self.acc)] < row["time"]:
+            self.acc.append(self._eval_last())
+        self._last = dict(engine.params)
+        self._last_acc = None
+
+    def finish(self) -> None:
+        while len(self.acc) < len(self.grid):
+            self.acc.append(self._eval_last())
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    changes: dict[str, Any]
+
+
+def methods(args: argparse.Namespace) -> list[Method]:
+    n = args.clients
+    return [
+        Method("FedAvg (sync)", {"strategy": "fedavg", "fraction": 1.0}),
+        Method(
+            f"FedBuff K={args.buffer}",
+            {"strategy": "fedbuff", "buffer": args.buffer, "concurrency": n},
+        ),
+        Method(
+            f"FedFix dt={args.period:g}",
+            {"strategy": "fedfix", "period": args.period, "concurrency": n},
+        ),
+        Method("FedAsync", {"strategy": "fedasync", "concurrency": n}),
+    ]
+
+
+def run_one(base: RunConfig, method: Method, seed: int, grid: list[float]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    config = base.replace(seed=seed, **method.changes)
+    workload = build_workload(config)
+    evaluator = Evaluator(workload)
+    engine = build_engine(config, workload=workload)
+    cb = TimeGrid(evaluator, grid, engine.params)
+    engine.callbacks.append(cb)
+    wall = time.perf_counter()
+    while engine.transport.now() < grid[-1]:
+        engine.step()
+    cb.finish()
+    engine.transport.close()
+    return {
+        "acc": cb.acc,
+        "versions": engine.version,
+        "wall": time.perf_counter() - wall,
+        "final": cb.acc[-1],
+    }
+
+
+def time_to(acc: list[float], grid: list[float], target: float) -> float:
+    for t, a in zip(grid, acc, strict=True):
+        if a >= target:
+            return t
+    return math.inf
+
+
+def stability(acc: list[float], tail: float = 0.2, drop: float = 0.02) -> tuple[float, int]:
+    """Std of accuracy over the last ``tail`` of the time axis, and drops larger than ``drop``
+    between consecutive grid points over the whole run."""
+    k = max(2, int(len(acc) * tail))
+    drops = sum(1 for a, b in itertools.pairwise(acc) if b < a - drop)
+    return statistics.pstdev(acc[-k:]), drops
+
+
+def fmt(xs: list[float]) -> str:
+    finite = [x for x in xs if math.isfinite(x)]
+    if len(finite) < len(xs):
+        return f"not reached ({len(xs) - len(finite)}/{len(xs)} seeds)"
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return f"{statistics.mean(finite):.1f} ± {sd:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="digits")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--partition", default="dirichlet")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--speed", default="lognormal")
+    p.add_argument("--speed-spread", type=float, default=1.0)
+    p.add_argument("--buffer", type=int, default=10)
+    p.add_argument("--period", type=float, default=2.0)
+    p.add_argument("--time", type=float, default=400.0, help="simulated seconds per run")
+    p.add_argument("--points", type=int, default=80, help="evaluation grid points")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--target", type=float, default=0.8, help="share of sync final accuracy")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    p.add_argument("--plot", default="")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    base = RunConfig(
+        workload=args.workload,
+        model=args.model,
+        partition=args.partition,
+        alpha=args.alpha,
+        clients=args.clients,
+        local_steps=args.local_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        speed=args.speed,
+        speed_spread=args.speed_spread,
+    )
+    grid = [args.time * (i + 1) / args.points for i in range(args.points)]
+    results: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods(args)}
+    jobs = [(m, seed) for m in methods(args) for seed in range(args.seeds)]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_one, base, m, seed, grid) for m, seed in jobs]
+        for (m, seed), fut in zip(jobs, futures, strict=True):
+            r = fut.result()
+            results[m.name].append(r)
+            print(
+                f"{m.name:>16} seed {seed}: final {r['final']:.3f}, "
+                f"{r['versions']} versions, {r['wall']:.1f} s wall",
+                flush=True,
+            )
+
+    sync = next(iter(results.values()))
+    target = args.target * statistics.mean(r["final"] for r in sync)
+    print(
+        f"\ntarget accuracy {target:.3f} ({args.target:.0%} of sync FedAvg's mean final), "
+        f"budget {args.time:g} simulated s\n"
+    )
+    print("| method | time to target (s) | final accuracy | versions | tail std | drops |")
+    print("|---|---:|---:|---:|---:|---:|")
+    summary: dict[str, Any] = {}
+    for name, runs in results.items():
+        tt = [time_to(r["acc"], grid, target) for r in runs]
+        fin = [r["final"] for r in runs]
+        stab = [stability(r["acc"]) for r in runs]
+        tails = [s for s, _ in stab]
+        drops = [float(d) for _, d in stab]
+        vers = [float(r["versions"]) for r in runs]
+        print(
+            f"| {name} | {fmt(tt)} | {statistics.mean(fin):.3f} ± "
+            f"{statistics.stdev(fin) if len(fin) > 1 else 0:.3f} | {statistics.mean(vers):.0f} | "
+            f"{statistics.mean(tails):.4f} | {statistics.mean(drops):.1f} |"
+        )
+        summary[name] = {"time_to_target": tt, "final": fin, "tail_std": tails, "drops": drops}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "args": vars(args),
+                    "grid": grid,
+                    "target": target,
+                    "summary": summary,
+                    "acc": {k: [r["acc"] for r in v] for k, v in results.items()},
+                },
+                f,
+            )
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, runs in results.items():
+            mean = [statistics.mean(r["acc"][i] for r in runs) for i in range(len(grid))]
+            ax.plot(grid, mean, label=name)
+        ax.axhline(target, color="grey", ls=":", lw=1, label="target")
+        ax.set_xlabel("simulated time (s)")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.set_title(
+            f"{args.workload}, {args.clients} clients, {args.speed} speeds "
+            f"(spread {args.speed_spread:g})"
+        )
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
