@@ -57,6 +57,7 @@ _P_IID_SAMPLE = 107
 _P_DIRICHLET = 108
 _P_SHARDS = 109
 _P_LOGNORMAL = 110
+_P_LABEL_SWAP = 111
 
 # Below this many examples per client a disjoint split is too thin to train on, so clients
 # instead sample this many examples from the shared pool (see ``_DigitsWorkload``).
@@ -73,6 +74,9 @@ _SYNTH_MAX_TEST_CLIENTS = 200
 _SYNTH_STD = np.arange(1, _SYNTH_DIM + 1, dtype=np.float64) ** -0.6  # sqrt(j^-1.2)
 
 _DIGITS_CLASSES = 10
+# FedStale's heterogeneity construction (Rodio & Neglia): even clients swap 0 <-> 1, odd
+# clients 8 <-> 9, on a fraction of each of those labels' examples.
+_SWAP_PAIRS = ((0, 1), (8, 9))
 _CUSTOM_TEST_CLIENTS = 50
 
 _IntArray = npt.NDArray[np.int64]
@@ -357,6 +361,7 @@ class _DigitsWorkload:
         sigma: float,
         model: Callable[[], nn.Module],
         flat_features: bool,
+        label_swap: float = 0.0,
     ) -> None:
         self.name = "digits"
         self.num_clients = num_clients
@@ -367,6 +372,7 @@ class _DigitsWorkload:
         self._shards_per_client = shards_per_client
         self._sigma = sigma
         self._model = model
+        self._label_swap = label_swap
 
         x_all, y_all = _digits_arrays()
         perm = _rng(seed, _P_DIGITS_SPLIT).permutation(len(y_all))
@@ -413,8 +419,24 @@ class _DigitsWorkload:
         return self._lognormal(k)
 
     def client_data(self, client_id: int) -> ClientData:
-        idx = torch.from_numpy(self.client_indices(client_id))
-        return ClientData(self._x_train[idx], self._y_train[idx])
+        idx = self.client_indices(client_id)
+        x = self._x_train[torch.from_numpy(idx)]
+        if self._label_swap == 0:
+            return ClientData(x, self._y_train[torch.from_numpy(idx)])
+        return ClientData(x, torch.from_numpy(self._swap_labels(client_id, idx)))
+
+    def _swap_labels(self, k: int, idx: _IntArray) -> _IntArray:
+        """Client ``k``'s labels with ``round(h * count)`` examples of each label of its pair
+        relabelled as the other one, the examples drawn from the ``(seed, k)`` stream."""
+        y = self._y_train_np[idx]
+        out = y.copy()
+        rng = _rng(self.seed, _P_LABEL_SWAP, k)
+        a, b = _SWAP_PAIRS[k % 2]
+        for src, dst in ((a, b), (b, a)):
+            where = np.flatnonzero(y == src)
+            count = round(self._label_swap * len(where))
+            out[rng.choice(where, size=count, replace=False)] = dst
+        return out
 
     def _iid(self, k: int) -> _IntArray:
         n, num = self._n_train, self.num_clients
@@ -602,6 +624,7 @@ def make_workload(
     sigma: float = 1.0,
     synthetic_alpha: float = 0.5,
     synthetic_beta: float = 0.5,
+    label_swap: float = 0.0,
 ) -> Workload:
     """Build a workload whose client data is generated lazily from ``(seed, client_id)``.
 
@@ -625,6 +648,10 @@ def make_workload(
         synthetic_alpha: LEAF Synthetic alpha (model heterogeneity across clients).
         synthetic_beta: LEAF Synthetic beta (feature heterogeneity); both 0 gives the IID
             variant with one shared labelling model.
+        label_swap: digits only, FedStale's label-swap heterogeneity ``h`` in ``[0, 1]``: even
+            clients relabel a fraction ``h`` of their 0s as 1 and of their 1s as 0, odd
+            clients do the same with 8 and 9 (which examples: from ``(seed, client)``). The
+            test set keeps the true labels.
 
     Returns:
         The workload.
@@ -654,6 +681,10 @@ def make_workload(
     for label, value in (("synthetic_alpha", synthetic_alpha), ("synthetic_beta", synthetic_beta)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{label} must be >= 0, got {value!r}")
+    if not (math.isfinite(label_swap) and 0 <= label_swap <= 1):
+        raise ValueError(f"label_swap must be in [0, 1], got {label_swap!r}")
+    if label_swap and (name != "digits" or data is not None):
+        raise ValueError(f"label_swap applies to the digits workload only, not {name!r}")
 
     if data is not None:
         if name in WORKLOADS:
@@ -713,4 +744,5 @@ def make_workload(
         sigma=sigma,
         model=factory,
         flat_features=model == "mlp",
+        label_swap=label_swap,
     )
