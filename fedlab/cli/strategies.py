@@ -15,11 +15,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Print ``name  first docstring line`` for every strategy."""
-    for name in registry.names("strategies"):
+    names = registry.names("strategies")
+    width = max((len(n) for n in names), default=0) + 2
+    for name in names:
         try:
             doc = (registry.resolve("strategies", name).__doc__ or "").strip().splitlines()
             line = doc[0] if doc else ""
         except Exception as e:  # a broken plugin must not hide the others
             line = f"(cannot load: {e})"
-        print(f"{name:16s} {line}")
+        print(f"{name:{width}s}{line}")
     return 0
