@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -207,10 +206,13 @@ class KnownProbability(Strategy):
         server_lr: ``eta_g``.
     """
 
-    needs_probabilities: ClassVar[bool] = True
-
     probabilities: tuple[float, ...] | None = None
     server_lr: float = 1.0
+
+    @property
+    def needs_probabilities(self) -> bool:
+        """True until probabilities are given, by the user or injected by the simulator."""
+        return self.probabilities is None
 
     def __post_init__(self) -> None:
         _check_server_lr(self.server_lr)

@@ -43,9 +43,11 @@ HELP = {
     "threads": "torch threads per worker; 1 avoids oversubscription with small models",
     "cache_mb": "MiB of client data each worker keeps between tasks (0: regenerate every time)",
     "speed": "client compute-speed distribution for the virtual clock",
-    "speed_mean": "mean seconds per local step on the virtual clock",
-    "speed_spread": "spread of client speeds (lognormal sigma, uniform half-width)",
-    "latency": "upload-latency distribution for the virtual clock (same choices as --speed)",
+    "speed_mean": "mean seconds per unit of work (a local step, or an epoch with "
+    "--local-epochs) on the virtual clock",
+    "speed_spread": "spread of client speeds (lognormal sigma, uniform half-width, fx: X/100)",
+    "latency": "upload-latency distribution for the virtual clock: constant, uniform, lognormal, "
+    "halfnormal or exponential",
     "latency_mean": "mean upload latency in seconds (0: none)",
     "latency_spread": "spread of upload latencies",
     "eval_every": "evaluate the global model every N versions",
