@@ -217,6 +217,8 @@ class KnownProbability(Strategy):
     def __post_init__(self) -> None:
         _check_server_lr(self.server_lr)
         if self.probabilities is not None:
+            # A list from TOML or --strategy-opt becomes a tuple, so the strategy stays hashable.
+            object.__setattr__(self, "probabilities", tuple(float(p) for p in self.probabilities))
             bad = [p for p in self.probabilities if not (0 < p <= 1)]
             if bad:
                 raise ValueError(

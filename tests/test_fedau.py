@@ -254,3 +254,21 @@ def test_cli_runs_fedau_with_the_fedau_recipe(tmp_path: Path) -> None:
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     quoted = [a if a != "recipe=fedau" else 'recipe="fedau"' for a in args]
     assert main([*quoted, "--out", str(tmp_path / "quoted")]) == 0
+
+
+def test_known_probability_keeps_probabilities_the_user_gives() -> None:
+    from fedlab.config import RunConfig
+    from fedlab.sim import build_engine
+
+    given = tuple([0.5] * 10)
+    config = RunConfig(
+        clients=10,
+        fraction=0.5,
+        rounds=1,
+        local_steps=1,
+        strategy="known-probability",
+        strategy_options={"probabilities": list(given)},
+    )
+    engine = build_engine(config)  # uniform participation defines no probabilities
+    assert engine.strategy.probabilities == given  # type: ignore[attr-defined]
+    engine.run(1)
