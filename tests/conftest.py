@@ -66,6 +66,30 @@ class Rows:
         self.rows.append(dict(row))
 
 
+def assert_resume_bit_identical(
+    config: RunConfig, run_dir: Path, *, stop: int = 3, end: int = 6
+) -> tuple[Engine, Engine]:
+    """Run ``config`` to ``stop`` in ``run_dir``, resume it in a new engine, run it to ``end``,
+    and check it ends bit-identical (params and clock) to a run that was never interrupted.
+
+    Returns ``(resumed, straight)`` for further checks on strategy state.
+    """
+    from fedlab.sim import build_engine
+
+    straight = build_engine(config)
+    straight.run(end)
+    first = build_engine(config, run_dir=run_dir)
+    first.run(stop)
+    first.transport.close()
+    resumed = build_engine(config, run_dir=run_dir)
+    resumed.resume()
+    assert resumed.version == stop
+    resumed.run(end)
+    assert_params_equal(resumed.params, straight.params)
+    assert resumed.transport.now() == straight.transport.now()
+    return resumed, straight
+
+
 def assert_params_equal(a: Any, b: Any) -> None:
     assert set(a) == set(b)
     for k in a:

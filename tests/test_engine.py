@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BufferedFedAvg, PeriodicFedAvg, Rows, assert_params_equal, small_config
+from conftest import (
+    BufferedFedAvg,
+    PeriodicFedAvg,
+    Rows,
+    assert_params_equal,
+    assert_resume_bit_identical,
+    small_config,
+)
 from fedlab import registry, tensorio
 from fedlab.client import ClientContext, Fit
 from fedlab.data import ClientData
@@ -196,17 +203,7 @@ def test_unknown_client_wrong_version_and_replay_are_rejected() -> None:
 
 @pytest.mark.parametrize("strategy", ["fedavg", "test-buffered", "test-periodic"])
 def test_resume_is_bit_identical(strategy: str, tmp_path: Path) -> None:
-    config = small_config(strategy=strategy, concurrency=6)
-    straight, _ = run(config, 6)
-    first = build_engine(config, run_dir=tmp_path)
-    first.run(3)
-    first.transport.close()
-    resumed = build_engine(config, run_dir=tmp_path)
-    resumed.resume()
-    assert resumed.version == 3
-    resumed.run(6)
-    assert_params_equal(resumed.params, straight.params)
-    assert resumed.transport.now() == straight.transport.now()
+    assert_resume_bit_identical(small_config(strategy=strategy, concurrency=6), tmp_path)
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_params_equal, small_config
+from conftest import assert_params_equal, assert_resume_bit_identical, small_config
 from fedlab import seeding
 from fedlab.cli import main
 from fedlab.sim import build_engine
@@ -181,16 +181,7 @@ def test_full_participation_equals_uniform_fedavg() -> None:
 
 def test_resume_is_bit_identical_under_bernoulli_participation(tmp_path: Path) -> None:
     config = small_config(strategy="fedau", strategy_options={"cutoff": 3}, **BERNOULLI)
-    straight = build_engine(config)
-    straight.run(6)
-    first = build_engine(config, run_dir=tmp_path)
-    first.run(3)
-    first.transport.close()
-    resumed = build_engine(config, run_dir=tmp_path)
-    resumed.resume()
-    assert resumed.version == 3
-    resumed.run(6)
-    assert_params_equal(resumed.params, straight.params)
+    resumed, straight = assert_resume_bit_identical(config, tmp_path)
     for k in ("since", "count", "mean"):
         assert torch.equal(resumed.state["estimator"][k], straight.state["estimator"][k])
 

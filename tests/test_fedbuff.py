@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import Rows, assert_params_equal, small_config
+from conftest import Rows, assert_resume_bit_identical, small_config
 from fedlab import registry
-from fedlab.engine import Engine
 from fedlab.sim import build_engine, build_runtime
 from fedlab.strategies import FedAvg, FedBuff
 from fedlab.strategies.fedbuff import staleness_weight
@@ -213,17 +212,7 @@ def test_resume_is_bit_identical(optimizer: str, tmp_path: Path) -> None:
     if optimizer == "sgd":
         options["server_momentum"] = 0.9
     config = small_config(strategy="fedbuff", buffer=3, concurrency=7, strategy_options=options)
-    straight: Engine = build_engine(config)
-    straight.run(6)
-    first = build_engine(config, run_dir=tmp_path)
-    first.run(3)
-    first.transport.close()
-    resumed = build_engine(config, run_dir=tmp_path)
-    resumed.resume()
-    assert resumed.version == 3
-    resumed.run(6)
-    assert_params_equal(resumed.params, straight.params)
-    assert resumed.transport.now() == straight.transport.now()
+    assert_resume_bit_identical(config, tmp_path)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import assert_params_equal, small_config
+from conftest import assert_params_equal, assert_resume_bit_identical, small_config
 from fedlab import registry
 from fedlab.config import RunConfig
 from fedlab.engine import Engine
@@ -161,17 +161,7 @@ def test_resume_is_bit_identical(strategy: str, tmp_path: Path) -> None:
     if strategy == "fedasync":
         extra["strategy_options"] = {"staleness": "polynomial", "server_lr": 0.6}
     config = small_config(strategy=strategy, concurrency=6, **extra)
-    straight = build_engine(config)
-    straight.run(6)
-    first = build_engine(config, run_dir=tmp_path)
-    first.run(3)
-    first.transport.close()
-    resumed = build_engine(config, run_dir=tmp_path)
-    resumed.resume()
-    assert resumed.version == 3
-    resumed.run(6)
-    assert_params_equal(resumed.params, straight.params)
-    assert resumed.transport.now() == straight.transport.now()
+    assert_resume_bit_identical(config, tmp_path)
 
 
 def test_fedasync_staleness_and_drop() -> None:
