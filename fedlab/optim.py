@@ -187,3 +187,40 @@ def build(
             raise ValueError("server momentum is for sgd; Adam's momentum is server_beta1")
         return ServerAdam(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     raise ValueError(f"server_optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptimizerOptions:
+    """The server-optimizer hyperparameters, as options of the strategies that take them.
+
+    A strategy that steps with a server optimizer inherits these fields (before
+    :class:`fedlab.strategy.Strategy`), so ``--strategy-opt server_lr=...`` means the same
+    thing for each of them.
+
+    Args:
+        server_optimizer: ``"sgd"`` (FedAvg, FedAvgM) or ``"adam"`` (FedAdam).
+        server_lr: the server learning rate ``eta_g``.
+        server_momentum: server SGD momentum ``mu``; 0 disables it.
+        server_beta1: Adam's first-moment decay.
+        server_beta2: Adam's second-moment decay.
+        server_eps: Adam's ``eps`` (FedOpt's ``tau``).
+    """
+
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_eps: float = 1e-3
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        """The server optimizer these options describe."""
+        return build(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            eps=self.server_eps,
+        )

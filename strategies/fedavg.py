@@ -19,7 +19,7 @@ WEIGHTINGS = ("examples", "uniform")
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvg(Strategy):
+class FedAvg(optim.ServerOptimizerOptions, Strategy):
     """Weighted average of client deltas, applied by a server optimizer.
 
     Args:
@@ -32,30 +32,12 @@ class FedAvg(Strategy):
         server_eps: Adam's ``eps`` (FedOpt's ``tau``).
     """
 
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
     weighting: str = "examples"
-    server_optimizer: str = "sgd"
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         self.optimizer  # noqa: B018  (builds it, so a bad hyperparameter fails here)
-
-    @property
-    def optimizer(self) -> optim.ServerOptimizer:
-        """The server optimizer these options describe."""
-        return optim.build(
-            self.server_optimizer,
-            lr=self.server_lr,
-            momentum=self.server_momentum,
-            beta1=self.server_beta1,
-            beta2=self.server_beta2,
-            eps=self.server_eps,
-        )
 
     def init(self, params: Params) -> State:
         return self.optimizer.init(params)

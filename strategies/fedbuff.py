@@ -70,7 +70,7 @@ def check_staleness(
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedBuff(Strategy):
+class FedBuff(optim.ServerOptimizerOptions, Strategy):
     """Buffered asynchronous aggregation with staleness weights and a server optimizer.
 
     For the K buffered updates ``x <- ServerOpt(x, (1/K) sum_i s(tau_i) e_i Δ_i)``, with
@@ -108,12 +108,6 @@ class FedBuff(Strategy):
     hinge_b: int = 4
     max_staleness: int | None = None
     weighting: str = "uniform"
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.buffer < 1:
@@ -128,18 +122,6 @@ class FedBuff(Strategy):
     @property
     def trigger(self) -> Trigger:
         return Buffer(self.buffer)
-
-    @property
-    def optimizer(self) -> optim.ServerOptimizer:
-        """The server optimizer these options describe."""
-        return optim.build(
-            self.server_optimizer,
-            lr=self.server_lr,
-            momentum=self.server_momentum,
-            beta1=self.server_beta1,
-            beta2=self.server_beta2,
-            eps=self.server_eps,
-        )
 
     def weight(self, tau: int) -> float:
         """``s(tau)`` with this strategy's staleness options."""

@@ -72,7 +72,7 @@ def test_config_file_with_flag_overrides(tmp_path: Path) -> None:
         (["--lr", "nan"], "lr must be positive"),
         (["--backend", "slurm"], "backend must be one of"),
         (["--strategy-opt", "server_lr=-1"], "server_lr must be positive"),
-        (["--strategy-opt", "servr_lr=1"], "valid options: server_lr"),
+        (["--strategy-opt", "servr_lr=1"], "valid options: server_optimizer, server_lr"),
         (["--partition", "dirichlet"], "does not apply to synthetic"),
         (["--model", "nomod.x:Net"], "cannot import module 'nomod.x'"),
     ],
