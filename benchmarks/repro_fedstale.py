@@ -7,7 +7,11 @@ over client ids (even clients always take part, odd ones with probability 0.5, t
 estimate replaces ``1 / p_i``), and data heterogeneity ``h`` made by label swapping: even
 clients relabel a fraction ``h`` of their 0s and 1s as each other, odd clients their 8s and
 9s. All three methods are ``fedstale`` with a different ``beta``, so they share everything
-else. Reported: test accuracy of the final model, mean and standard deviation over seeds.
+else. The paper's claim is about the trajectory at a fixed budget, so the global model is
+evaluated every ``--eval-every`` versions and the script reports test accuracy at several
+budgets (``--budgets``, in versions) and the area under the accuracy curve (mean accuracy
+over the evaluation points up to the last budget), mean and standard deviation over seeds,
+and in how many seeds FedStale is at least the better of FedAvg and FedVARP (paired by seed).
 
 Usage::
 
@@ -31,7 +35,7 @@ METHODS = {"FedAvg": 0.0, "FedStale": 0.5, "FedVARP": 1.0}
 
 
 def run_one(job: tuple[str, float, int, argparse.Namespace]) -> dict[str, Any]:
-    """Train one (method, h, seed) and return its final test accuracy."""
+    """Train one (method, h, seed); return its accuracy curve (every ``eval_every`` versions)."""
     import torch
 
     from fedlab.callbacks import Evaluator
@@ -59,61 +63,93 @@ def run_one(job: tuple[str, float, int, argparse.Namespace]) -> dict[str, Any]:
     workload = make_workload(
         "digits", num_clients=args.clients, seed=seed, model=args.model, label_swap=swap
     )
-    evaluator = Evaluator(workload, every=args.rounds, final=args.rounds)
+    evaluator = Evaluator(workload)
     engine = build_engine(config, workload=workload)
     start = time.perf_counter()
-    engine.run(args.rounds)
+    curve: dict[int, float] = {0: evaluator.evaluate(engine.params)["accuracy"]}
+    for version in range(1, args.rounds + 1):
+        engine.run(version)
+        if version % args.eval_every == 0 or version in args.budget_list:
+            curve[version] = evaluator.evaluate(engine.params)["accuracy"]
     return {
         "method": method,
         "h": swap,
         "seed": seed,
         **evaluator.evaluate(engine.params),
+        "curve": curve,
         "seconds": time.perf_counter() - start,
     }
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, float], tuple[float, float]]:
-    """``(method, h) -> (mean, std)`` of the final accuracy over seeds."""
-    out = {}
-    for method in METHODS:
-        for swap in sorted({r["h"] for r in results}):
-            accs = [r["accuracy"] for r in results if r["method"] == method and r["h"] == swap]
-            if accs:
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                out[method, swap] = (statistics.mean(accs), std)
+def metrics_of(run: dict[str, Any], budgets: list[int]) -> dict[str, float]:
+    """Accuracy at each budget, and the area under the curve up to the last budget."""
+    curve = {int(k): v for k, v in run["curve"].items()}
+    out = {f"@{b}": curve[b] for b in budgets}
+    upto = [v for k, v in sorted(curve.items()) if 0 < k <= budgets[-1]]
+    out["AUC"] = statistics.mean(upto)
     return out
 
 
-def table(summary: dict[tuple[str, float], tuple[float, float]]) -> str:
-    """Markdown table: one row per h, one column per method, and whether FedStale wins."""
-    swaps = sorted({h for _, h in summary})
+def summarize(
+    results: list[dict[str, Any]], budgets: list[int]
+) -> dict[tuple[str, float, str], tuple[float, float, int]]:
+    """``(method, h, metric) -> (mean, std, seeds)``; for FedStale the last field counts the
+    seeds where it is at least the better of FedAvg and FedVARP (paired by seed)."""
+    out = {}
+    by = {(r["method"], r["h"], r["seed"]): metrics_of(r, budgets) for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    for method in METHODS:
+        for swap in sorted({r["h"] for r in results}):
+            for key in [f"@{b}" for b in budgets] + ["AUC"]:
+                vals = [by[method, swap, s][key] for s in seeds if (method, swap, s) in by]
+                if not vals:
+                    continue
+                wins = 0
+                if method == "FedStale":
+                    wins = sum(
+                        by["FedStale", swap, s][key]
+                        >= max(by["FedAvg", swap, s][key], by["FedVARP", swap, s][key])
+                        for s in seeds
+                    )
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                out[method, swap, key] = (statistics.mean(vals), std, wins)
+    return out
+
+
+def table(summary: dict[tuple[str, float, str], tuple[float, float, int]]) -> str:
+    """Markdown table: one row per (h, metric), one column per method, and whether FedStale's
+    mean is at least the best other mean (with the per-seed win count)."""
+    swaps = sorted({h for _, h, _ in summary})
+    keys = list(dict.fromkeys(k for _, _, k in summary))
     lines = [
-        "| h | " + " | ".join(METHODS) + " | FedStale >= max(others) |",
-        "|---:|" + "---:|" * len(METHODS) + ":---:|",
+        "| h | metric | " + " | ".join(METHODS) + " | FedStale >= max(others)? (seeds) |",
+        "|---:|---|" + "---:|" * len(METHODS) + ":---:|",
     ]
     for h in swaps:
-        cells = [f"{summary[m, h][0]:.4f} ± {summary[m, h][1]:.4f}" for m in METHODS]
-        best_other = max(summary[m, h][0] for m in METHODS if m != "FedStale")
-        wins = "yes" if summary["FedStale", h][0] >= best_other else "no"
-        lines.append(f"| {h:g} | " + " | ".join(cells) + f" | {wins} |")
+        for key in keys:
+            cells = [f"{summary[m, h, key][0]:.4f} ± {summary[m, h, key][1]:.4f}" for m in METHODS]
+            best_other = max(summary[m, h, key][0] for m in METHODS if m != "FedStale")
+            mean_wins = "yes" if summary["FedStale", h, key][0] >= best_other else "no"
+            wins = summary["FedStale", h, key][2]
+            lines.append(f"| {h:g} | {key} | " + " | ".join(cells) + f" | {mean_wins} ({wins}) |")
     return "\n".join(lines)
 
 
-def plot(summary: dict[tuple[str, float], tuple[float, float]], path: str) -> None:
-    """Final accuracy against heterogeneity h, one line per method with std error bars."""
+def plot(summary: dict[tuple[str, float, str], tuple[float, float, int]], path: str) -> None:
+    """Area under the accuracy curve against heterogeneity h, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    swaps = sorted({h for _, h in summary})
+    swaps = sorted({h for _, h, _ in summary})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in METHODS:
-        means = [summary[method, h][0] for h in swaps]
-        stds = [summary[method, h][1] for h in swaps]
+        means = [summary[method, h, "AUC"][0] for h in swaps]
+        stds = [summary[method, h, "AUC"][1] for h in swaps]
         ax.errorbar(swaps, means, yerr=stds, marker="o", capsize=3, label=method)
     ax.set_xlabel("data heterogeneity h (label swap)")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel("mean test accuracy over the run (AUC)")
     ax.set_title("digits, 24 clients, p tiled [1.0, 0.5]")
     ax.legend()
     fig.tight_layout()
@@ -131,12 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=5, help="versions between evaluations")
+    parser.add_argument(
+        "--budgets", default="25,50,100,150", help="versions at which accuracy is reported"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", metavar="PATH", help="write every run and the summary here")
     parser.add_argument("--plot", metavar="PATH", help="write the accuracy-vs-h plot here")
     args = parser.parse_args(argv)
 
     swaps = [float(s) for s in args.swaps.split(",")]
+    args.budget_list = sorted(int(b) for b in args.budgets.split(","))
+    if not args.budget_list or args.budget_list[-1] > args.rounds or args.budget_list[0] < 1:
+        parser.error(f"budgets must be in 1..{args.rounds}")
     jobs = [(m, h, seed, args) for h in swaps for m in METHODS for seed in range(args.seeds)]
     start = time.perf_counter()
     if args.workers > 1:
@@ -145,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = [run_one(job) for job in jobs]
     wall = time.perf_counter() - start
-    summary = summarize(results)
+    summary = summarize(results, args.budget_list)
     print(table(summary))
     print(f"\n{len(jobs)} runs in {wall:.0f} s with {args.workers} workers")
     if args.json:
@@ -158,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_seconds": wall,
                     "runs": results,
                     "summary": [
-                        {"method": m, "h": h, "mean": mu, "std": sd}
-                        for (m, h), (mu, sd) in summary.items()
+                        {"method": m, "h": h, "metric": k, "mean": mu, "std": sd}
+                        for (m, h, k), (mu, sd, _) in summary.items()
                     ],
                 },
                 f,
