@@ -94,6 +94,9 @@ class RunConfig:
     latency: str = "constant"
     latency_mean: float = 0.0
     latency_spread: float = 0.5
+    byzantine: float = 0.0
+    attack: str = ""
+    attack_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     out: str = ""
 
@@ -127,6 +130,13 @@ class RunConfig:
             raise ConfigError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not (math.isfinite(self.byzantine) and 0 <= self.byzantine < 0.5):
+            raise ConfigError(f"byzantine must be in [0, 0.5), got {self.byzantine}")
+        if bool(self.attack) != (self.byzantine > 0):
+            raise ConfigError(
+                "attack and byzantine go together: name an attack and a positive byzantine "
+                f"fraction, or neither (got attack {self.attack!r}, byzantine {self.byzantine})"
+            )
 
     @property
     def task_config(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedlab import seeding, tensorio
 from fedlab.participation import Participation, Uniform
@@ -23,6 +23,9 @@ from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.transport import Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
+
+if TYPE_CHECKING:
+    from fedlab.attacks import Adversary
 
 CHECKPOINT = "checkpoint.fl"
 PREVIOUS = "checkpoint.prev.fl"
@@ -83,6 +86,8 @@ class Engine:
         participation: which clients are available at each version (default: all, and the
             server samples ``fraction`` of them).
         memory: the server's per-client store handed to the strategy as ``Round.memory``.
+        adversary: simulated Byzantine clients whose updates are replaced just before each
+            aggregation (``None``: every client is honest).
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class Engine:
         task_config: Mapping[str, Any] | None = None,
         participation: Participation | None = None,
         memory: ClientStore | None = None,
+        adversary: Adversary | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -124,6 +130,7 @@ class Engine:
         self.task_config = dict(task_config or {})
         self.participation: Participation = participation or Uniform()
         self.memory: ClientStore = memory if memory is not None else MemoryStore()
+        self.adversary = adversary
         self._available: tuple[ClientId, ...] | None = None
 
         self.params: Params = dict(params)
@@ -331,6 +338,8 @@ class Engine:
             memory=self.memory,
         )
         updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
+        if self.adversary is not None:
+            updates = self.adversary.corrupt(updates, self.params, rnd)
         params, state, metrics = self.strategy.aggregate(self.state, self.params, updates, rnd)
         self.params = dict(params)
         self.state = state
@@ -344,6 +353,8 @@ class Engine:
         self._task_params[self.version] = self.params
         self._prune()
         row = self._row(updates, metrics)
+        if self.adversary is not None:
+            row["byzantine"] = self.adversary.count(updates)
         self._log = _VersionLog()
         # Callbacks first: a crash between the metrics row and the checkpoint repeats the
         # version on resume (its row is rewritten), while the other order could lose the row.

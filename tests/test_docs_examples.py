@@ -83,25 +83,25 @@ def test_plugin_is_found_through_its_entry_point(tmp_path: Path) -> None:
     (dist / "entry_points.txt").write_text("\n".join(lines))
 
     listed = _fedlab(["strategies"], pythonpath=[tmp_path], cwd=tmp_path).splitlines()
-    line = next((x for x in listed if x.split()[:1] == ["trimmed-mean"]), None)
+    line = next((x for x in listed if x.split()[:1] == ["my-trimmed-mean"]), None)
     assert line is not None, listed
     assert "Coordinate-wise trimmed mean" in line  # loaded, not "(cannot load: ...)"
 
     out = tmp_path / "run"
     _fedlab(
-        ["simulate", "--strategy", "trimmed-mean", "--strategy-opt", "trim=0.2",
+        ["simulate", "--strategy", "my-trimmed-mean", "--strategy-opt", "trim=0.2",
          "--clients", "20", "--fraction", "0.5", "--rounds", "2", "--local-steps", "2",
          "--no-progress", "--out", str(out)],
         pythonpath=[tmp_path], cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["strategy"] == "trimmed-mean" and summary["versions"] == 2
+    assert summary["strategy"] == "my-trimmed-mean" and summary["versions"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # 10 updates per version, trim=0.2: two values cut from each end of every coordinate.
     assert [r["strategy_trimmed_per_end"] for r in rows] == [2.0, 2.0]
 
 
-# ---------------------------------------------------------------- (b) trimmed-mean properties
+# ---------------------------------------------------------------- (b) my-trimmed-mean properties
 
 
 @pytest.fixture

@@ -50,6 +50,9 @@ HELP = {
     "halfnormal or exponential",
     "latency_mean": "mean upload latency in seconds (0: none)",
     "latency_spread": "spread of upload latencies",
+    "byzantine": "share of clients that are malicious, in [0, 0.5) (needs --attack)",
+    "attack": "attack of the malicious clients: sign-flip, scaling, gaussian, alie, ipm, "
+    "min-max, label-flip, reversed-ranking, or pkg.mod:Class",
     "eval_every": "evaluate the global model every N versions",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
 }
@@ -91,6 +94,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a client-half option, e.g. momentum=0.9 (repeatable)",
     )
+    parser.add_argument(
+        "--attack-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an attack option, e.g. factor=1e5 (repeatable)",
+    )
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +115,8 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
         out["client_options"] = dict(parse_option(o) for o in args.client_opt)
     if args.participation_opt:
         out["participation_options"] = dict(parse_option(o) for o in args.participation_opt)
+    if getattr(args, "attack_opt", None):
+        out["attack_options"] = dict(parse_option(o) for o in args.attack_opt)
     return out
 
 
@@ -112,7 +124,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the TOML file, then flags; option tables merge key by key."""
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     flags = given_flags(args)
-    for table in ("strategy_options", "client_options", "participation_options"):
+    for table in ("strategy_options", "client_options", "participation_options", "attack_options"):
         if table in flags:
             flags[table] = {**values.get(table, {}), **flags[table]}
     return from_mapping({**values, **flags})

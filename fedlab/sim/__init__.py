@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fedlab import registry
+from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
 from fedlab.data import Workload, make_workload
@@ -75,13 +76,30 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     times faster single-threaded than with threads fighting over busy cores.
     """
     torch.set_num_threads(config.threads)
+    workload = workload or build_workload(config)
+    adversary = build_attack(config)
+    if adversary is not None and adversary.data_attack is not None:
+        workload = PoisonedWorkload(
+            workload, adversary.malicious, adversary.data_attack, config.seed
+        )
     return ClientRuntime(
-        workload=workload or build_workload(config),
+        workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
         pipeline=Pipeline(),
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
+    )
+
+
+def build_attack(config: RunConfig) -> Adversary | None:
+    """The simulated malicious clients of ``config`` (``None`` without an attack)."""
+    return build_adversary(
+        config.attack,
+        num_clients=config.clients,
+        fraction=config.byzantine,
+        seed=config.seed,
+        options=config.attack_options,
     )
 
 
@@ -105,6 +123,7 @@ def build_engine(
     workload = workload or build_workload(config)
     strategy = build_strategy(config)
     build_algorithm(config, strategy)  # fail on a bad client name before starting workers
+    adversary = build_attack(config)  # and on a bad attack
     speeds = SpeedModel(
         distribution=config.speed,
         mean=config.speed_mean,
@@ -159,6 +178,7 @@ def build_engine(
         task_config=config.task_config,
         participation=participation,
         memory=build_memory(config, run_dir),
+        adversary=adversary,
     )
 
 
