@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 class Evaluator:
     """Accuracy and loss of the global model on the workload's test set.
+
+    A workload that defines its own ``evaluate(params) -> dict[str, float]`` (regression
+    workloads such as ``wls``, where accuracy means nothing) is evaluated by that instead.
 
     Args:
         workload: supplies the model architecture and the test data.
@@ -45,13 +49,19 @@ class Evaluator:
         self.final = final
         self.device = torch.device(device)
         self.batch_size = batch_size
+        own = getattr(workload, "evaluate", None)
+        self._own: Callable[[Params], Mapping[str, float]] | None = own if callable(own) else None
+        if self._own is not None:
+            return
         self.model = workload.make_model().to(self.device)
         self._slots = dict(self.model.state_dict())
         test = workload.test_data()
         self.x, self.y = test.x.to(self.device), test.y.to(self.device)
 
     def evaluate(self, params: Params) -> dict[str, float]:
-        """Test accuracy and mean cross-entropy loss of ``params``."""
+        """Test accuracy and mean cross-entropy loss of ``params`` (or the workload's own)."""
+        if self._own is not None:
+            return {k: float(v) for k, v in self._own(params).items()}
         load_params(self._slots, params)
         self.model.eval()
         loss = 0.0

@@ -108,8 +108,7 @@ def _summary(engine: Engine, config: RunConfig, final: dict[str, float]) -> dict
         "workload": config.workload,
         "clients": config.clients,
         "versions": engine.version,
-        "accuracy": final["accuracy"],
-        "loss": final["loss"],
+        **final,  # accuracy and loss, or a workload's own metrics (wls: msd, msd_db)
         "simulated_time": engine.transport.now(),
         "wall_seconds": engine.state_dict()["wall"],
         "updates_received": engine.counters.received,
