@@ -29,9 +29,18 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "fedbuff": "fedlab.strategies.fedbuff:FedBuff",
         "fedfix": "fedlab.strategies.fedfix:FedFix",
         "fedasync": "fedlab.strategies.fedfix:FedAsync",
+        "median": "fedlab.strategies.robust:Median",
+        "trimmed-mean": "fedlab.strategies.robust:TrimmedMean",
+        "krum": "fedlab.strategies.robust:Krum",
+        "multi-krum": "fedlab.strategies.robust:MultiKrum",
+        "centered-clipping": "fedlab.strategies.robust:CenteredClipping",
+        "frl": "fedlab.strategies.frl:FRL",
+        "admm-wls": "fedlab.strategies.admm_wls:ADMMWLS",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",
+        "frl": "fedlab.clients.frl:FRLClient",
+        "admm-wls": "fedlab.clients.admm_wls:ADMMClient",
     },
     "transforms": {},
 }

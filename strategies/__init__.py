@@ -11,6 +11,9 @@ from typing import Any
 from fedlab.registry import BUILTIN, load_dotted
 
 __all__ = [
+    "ADMMWLS",
+    "FRL",
+    "CenteredClipping",
     "FedAU",
     "FedAsync",
     "FedAvg",
@@ -19,6 +22,10 @@ __all__ = [
     "FedStale",
     "FedVARP",
     "KnownProbability",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "TrimmedMean",
 ]
 
 

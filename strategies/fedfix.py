@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from fedlab import optim
-from fedlab.strategy import Buffer, Period, Strategy, Trigger
-from fedlab.types import Metrics, Params, Round, State, Update
 
 # Relative, so that it resolves both as fedlab.strategies (installed) and for mypy run on the
 # strategies/ folder.
-from .fedbuff import check_staleness, staleness_weight
+from fedlab.strategies.fedbuff import check_staleness, staleness_weight
+from fedlab.strategy import Buffer, Period, Strategy, Trigger
+from fedlab.types import Metrics, Params, Round, State, Update
 
 WEIGHTINGS = ("uniform", "examples")
 

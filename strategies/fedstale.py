@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from fedlab.store import ClientStore
+from fedlab.strategies.fedau import estimator_init, estimator_update, estimator_weights
 from fedlab.strategy import Strategy, floating
 from fedlab.types import ClientId, Metrics, Params, Round, State, Update
-
-from .fedau import estimator_init, estimator_update, estimator_weights
 
 WEIGHTS = ("examples", "uniform")
 PROBABILITIES = ("estimated", "known")
