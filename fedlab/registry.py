@@ -36,11 +36,13 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "centered-clipping": "fedlab.strategies.robust:CenteredClipping",
         "frl": "fedlab.strategies.frl:FRL",
         "admm-wls": "fedlab.strategies.admm_wls:ADMMWLS",
+        "dp-brem": "fedlab.strategies.dp_brem:DPBREM",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",
         "frl": "fedlab.clients.frl:FRLClient",
         "admm-wls": "fedlab.clients.admm_wls:ADMMClient",
+        "dp-brem": "fedlab.clients.dp_brem:DPBREMClient",
     },
     "transforms": {},
 }

@@ -12,6 +12,7 @@ from fedlab.registry import BUILTIN, load_dotted
 
 __all__ = [
     "ADMMWLS",
+    "DPBREM",
     "FRL",
     "CenteredClipping",
     "FedAU",
