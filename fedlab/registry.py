@@ -37,12 +37,14 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "frl": "fedlab.strategies.frl:FRL",
         "admm-wls": "fedlab.strategies.admm_wls:ADMMWLS",
         "dp-brem": "fedlab.strategies.dp_brem:DPBREM",
+        "fed-sb": "fedlab.strategies.fed_sb:FedSB",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",
         "frl": "fedlab.clients.frl:FRLClient",
         "admm-wls": "fedlab.clients.admm_wls:ADMMClient",
         "dp-brem": "fedlab.clients.dp_brem:DPBREMClient",
+        "fed-sb": "fedlab.clients.fed_sb:FedSBClient",
     },
     "transforms": {},
 }

@@ -20,6 +20,7 @@ __all__ = [
     "FedAvg",
     "FedBuff",
     "FedFix",
+    "FedSB",
     "FedStale",
     "FedVARP",
     "KnownProbability",
