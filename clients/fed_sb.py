@@ -5,15 +5,13 @@ Singhal et al., arXiv 2502.15436; see :mod:`fedlab.strategies.fed_sb`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedlab.client import ClientContext, Fit, minibatches
+from fedlab.client import ClientContext, Fit
 from fedlab.clients.sgd import LocalSGD
 from fedlab.data import ClientData
 from fedlab.strategies.fed_sb import A_KEY, B_KEY, R_KEY, effective
@@ -69,52 +67,15 @@ class FedSBClient(LocalSGD):
         cores = {
             k: task.params[R_KEY + k].detach().to(dev).clone().requires_grad_(True) for k in names
         }
-        n = len(data)
-        if n == 0:
-            return Fit(payload=_payload(cores), num_examples=0)
-        lr = float(self._setting(task, "lr"))
-        bs = int(self._setting(task, "batch_size"))
-        epochs = float(self._setting(task, "local_epochs"))
-        bs_eff = min(bs, n) if bs > 0 else n
-        steps = (
-            max(1, math.ceil(epochs * n / bs_eff))
-            if epochs > 0
-            else int(self._setting(task, "local_steps"))
-        )
-        momentum = float(self._setting(task, "momentum"))
-        weight_decay = float(self._setting(task, "weight_decay"))
-        params = list(cores.values())
-        buffers: list[torch.Tensor] = []
         model.train()
-        loss_sum = torch.zeros((), device=data.x.device)
-        correct = torch.zeros((), device=data.x.device, dtype=torch.long)
-        seen = 0
-        for idx in minibatches(n, bs_eff, steps, ctx.generator(task.version)):
-            idx = idx.to(data.x.device)
-            x, y = data.x[idx], data.y[idx]
-            out = adapter_forward(model, x, frozen, cores)
-            loss = F.cross_entropy(out, y)
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                # torch.optim.SGD (no dampening, no Nesterov), as in LocalSGD.
-                if weight_decay:
-                    grads = tuple(
-                        g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=True)
-                    )
-                if momentum:
-                    if buffers:
-                        for b, g in zip(buffers, grads, strict=True):
-                            b.mul_(momentum).add_(g)
-                    else:
-                        buffers = [g.clone() for g in grads]
-                    grads = tuple(buffers)
-                for p, g in zip(params, grads, strict=True):
-                    p.add_(g, alpha=-lr)
-            loss_sum += loss.detach() * len(idx)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(idx)
-        metrics = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
-        return Fit(payload=_payload(cores), num_examples=n, metrics=metrics)
+        metrics = self.train(
+            data,
+            task,
+            ctx,
+            list(cores.values()),
+            lambda x: adapter_forward(model, x, frozen, cores),
+        )
+        return Fit(payload=_payload(cores), num_examples=len(data), metrics=metrics)
 
 
 def _payload(cores: Params) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +58,28 @@ class LocalSGD(ClientAlgorithm):
         state: State | None,
         ctx: ClientContext,
     ) -> Fit:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        metrics = self.train(data, task, ctx, params, model)
+        return Fit(payload=model_delta(model, task.params), num_examples=len(data), metrics=metrics)
+
+    def train(
+        self,
+        data: ClientData,
+        task: Task,
+        ctx: ClientContext,
+        params: Sequence[torch.Tensor],
+        forward: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, float]:
+        """The task's local SGD on ``params``, with ``forward(x) -> logits``, in place.
+
+        The one local training loop: client halves that train other tensors than the model's
+        parameters (FRL's scores, Fed-SB's R) pass their own ``params`` and ``forward``.
+        Returns the mean training loss and accuracy (empty for a client without data).
+        """
         n = len(data)
         if n == 0:
-            return Fit(payload=model_delta(model, task.params), num_examples=0)
+            return {}
         lr = float(self._setting(task, "lr"))
         bs = int(self._setting(task, "batch_size"))
         epochs = float(self._setting(task, "local_epochs"))
@@ -71,18 +91,16 @@ class LocalSGD(ClientAlgorithm):
         )
         momentum = float(self._setting(task, "momentum"))
         weight_decay = float(self._setting(task, "weight_decay"))
-        params = [p for p in model.parameters() if p.requires_grad]
         buffers: list[torch.Tensor] = []
-        model.train()
         loss_sum = torch.zeros((), device=data.x.device)
         correct = torch.zeros((), device=data.x.device, dtype=torch.long)
         seen = 0
         for idx in minibatches(n, bs_eff, steps, ctx.generator(task.version)):
             idx = idx.to(data.x.device)
             x, y = data.x[idx], data.y[idx]
-            out = model(x)
+            out = forward(x)
             loss = F.cross_entropy(out, y)
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(loss, list(params))
             with torch.no_grad():
                 # torch.optim.SGD's update (no dampening, no Nesterov) written out: for small
                 # models its per-step bookkeeping costs more than the arithmetic.
@@ -102,5 +120,4 @@ class LocalSGD(ClientAlgorithm):
             loss_sum += loss.detach() * len(idx)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(idx)
-        metrics = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
-        return Fit(payload=model_delta(model, task.params), num_examples=n, metrics=metrics)
+        return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
