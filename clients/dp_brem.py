@@ -63,9 +63,6 @@ class DPBREMClient(ClientAlgorithm):
     batch_size: int = 32
     momentum: float = 0.9
 
-    def _setting(self, task: Task, name: str) -> Any:
-        return task.config.get(name, getattr(self, name))
-
     def fit(
         self,
         model: nn.Module,
@@ -74,9 +71,9 @@ class DPBREMClient(ClientAlgorithm):
         state: State | None,
         ctx: ClientContext,
     ) -> Fit:
-        clip = float(self._setting(task, "record_clip"))
-        bs = int(self._setting(task, "batch_size"))
-        beta = float(self._setting(task, "momentum"))
+        clip = float(self.setting(task, "record_clip"))
+        bs = int(self.setting(task, "batch_size"))
+        beta = float(self.setting(task, "momentum"))
         if not (clip > 0 and bs >= 1 and 0 <= beta < 1):
             raise ValueError(
                 f"dp-brem client needs record_clip > 0, batch_size >= 1 and momentum in [0, 1), "

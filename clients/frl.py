@@ -98,7 +98,7 @@ class FRLClient(LocalSGD):
         scores = {
             k: task.params[k].detach().to(ctx.device).clone().requires_grad_(True) for k in weights
         }
-        sparsity = float(self._setting(task, "sparsity"))
+        sparsity = float(self.setting(task, "sparsity"))
         model.train()
         metrics = self.train(
             data,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +46,6 @@ class LocalSGD(ClientAlgorithm):
     momentum: float = 0.0
     weight_decay: float = 0.0
 
-    def _setting(self, task: Task, name: str) -> Any:
-        return task.config.get(name, getattr(self, name))
-
     def fit(
         self,
         model: nn.Module,
@@ -80,17 +76,17 @@ class LocalSGD(ClientAlgorithm):
         n = len(data)
         if n == 0:
             return {}
-        lr = float(self._setting(task, "lr"))
-        bs = int(self._setting(task, "batch_size"))
-        epochs = float(self._setting(task, "local_epochs"))
+        lr = float(self.setting(task, "lr"))
+        bs = int(self.setting(task, "batch_size"))
+        epochs = float(self.setting(task, "local_epochs"))
         bs_eff = min(bs, n) if bs > 0 else n
         steps = (
             max(1, math.ceil(epochs * n / bs_eff))
             if epochs > 0
-            else int(self._setting(task, "local_steps"))
+            else int(self.setting(task, "local_steps"))
         )
-        momentum = float(self._setting(task, "momentum"))
-        weight_decay = float(self._setting(task, "weight_decay"))
+        momentum = float(self.setting(task, "momentum"))
+        weight_decay = float(self.setting(task, "weight_decay"))
         buffers: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=data.x.device)
         correct = torch.zeros((), device=data.x.device, dtype=torch.long)

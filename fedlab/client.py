@@ -72,6 +72,14 @@ class ClientAlgorithm:
         """Train ``model`` (already holding ``task.params``) on ``data``."""
         raise NotImplementedError
 
+    def setting(self, task: Task, name: str) -> Any:
+        """``task.config[name]`` when the server sent one, else this algorithm's own ``name``.
+
+        The server decides per task (``--lr``, ``--local-steps`` arrive in every task's config);
+        the client half's fields are the defaults for anything it was not sent.
+        """
+        return task.config.get(name, getattr(self, name))
+
 
 def load_params(slots: dict[str, torch.Tensor], params: Params) -> None:
     """Copy ``params`` into a model's state tensors in place."""
