@@ -68,14 +68,15 @@ class FedSBClient(LocalSGD):
             k: task.params[R_KEY + k].detach().to(dev).clone().requires_grad_(True) for k in names
         }
         model.train()
-        metrics = self.train(
+        metrics, state = self.train(
             data,
             task,
             ctx,
             list(cores.values()),
-            lambda x: adapter_forward(model, x, frozen, cores),
+            lambda ts, x: adapter_forward(model, x, frozen, dict(zip(names, ts, strict=True))),
+            state,
         )
-        return Fit(payload=_payload(cores), num_examples=len(data), metrics=metrics)
+        return Fit(payload=_payload(cores), num_examples=len(data), metrics=metrics, state=state)
 
 
 def _payload(cores: Params) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BACKENDS = ("inprocess", "ray")
+DP_LEVELS = ("", "sample")
 MEMORIES = ("memory", "disk")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
@@ -99,6 +100,11 @@ class RunConfig:
     attack_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     out: str = ""
+    dp: str = ""
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 0.0
+    target_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
@@ -116,8 +122,10 @@ class RunConfig:
             "cache_mb",
             "buffer",
             "period",
+            "noise_multiplier",
+            "target_epsilon",
         )
-        _positive(self, "lr", "cpus_per_worker", "speed_mean")
+        _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.local_steps == 0 and self.local_epochs == 0:
@@ -137,16 +145,38 @@ class RunConfig:
                 "attack and byzantine go together: name an attack and a positive byzantine "
                 f"fraction, or neither (got attack {self.attack!r}, byzantine {self.byzantine})"
             )
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.dp not in DP_LEVELS:
+            raise ConfigError(f"dp must be one of {DP_LEVELS[1:]} (or empty), got {self.dp!r}")
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"delta must be in [0, 1) (0: the default), got {self.delta}")
+        if self.dp == "sample" and (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ConfigError(
+                "dp = 'sample' needs exactly one of noise_multiplier > 0 (a fixed sigma) or "
+                "target_epsilon > 0 (sigma solved per client for the planned versions)"
+            )
 
     @property
     def task_config(self) -> dict[str, Any]:
         """Settings every task carries to the client."""
-        return {
+        config: dict[str, Any] = {
             "lr": self.lr,
             "local_steps": self.local_steps,
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
         }
+        if self.dp == "sample":
+            config.update(
+                dp=True,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                delta=self.delta,
+                target_epsilon=self.target_epsilon,
+                dp_versions=self.rounds,
+            )
+        return config
 
     def fingerprint(self) -> str:
         """A hash of every key that changes the numbers the run produces."""

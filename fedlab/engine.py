@@ -380,6 +380,11 @@ class Engine:
                 row[f"train_{k}"] = num / den
         if updates:
             row["staleness"] = sum(self.version - 1 - u.version for u in updates) / len(updates)
+        # Record-level DP: each client reports its own ε; the worst one is what a user asks.
+        eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
+        if eps:
+            row["client_epsilon_max"] = max(eps)
+            row["client_epsilon_mean"] = sum(eps) / len(eps)
         row["examples"] = n
         row.update({f"strategy_{k}": float(v) for k, v in dict(metrics).items()})
         if self._log.reasons:

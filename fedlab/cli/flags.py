@@ -55,6 +55,11 @@ HELP = {
     "min-max, label-flip, reversed-ranking, or pkg.mod:Class",
     "eval_every": "evaluate the global model every N versions",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
+    "dp": "differential privacy: sample (DP-SGD on every client's records); empty: none",
+    "noise_multiplier": "DP noise multiplier (noise std over the clipping norm)",
+    "max_grad_norm": "DP-SGD per-record gradient clipping norm C (--dp sample)",
+    "delta": "DP delta (0: 1/(10 n) per client for --dp sample)",
+    "target_epsilon": "DP budget: --dp sample solves each client's sigma for it",
 }
 
 

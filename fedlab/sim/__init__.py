@@ -63,9 +63,18 @@ def build_strategy(config: RunConfig) -> Strategy:
 
 def build_algorithm(config: RunConfig, strategy: Strategy) -> ClientAlgorithm:
     """The client half: ``config.client`` or the strategy's paired client."""
-    algorithm = registry.create("clients", config.client or strategy.client, config.client_options)
+    name = config.client or strategy.client
+    algorithm: object = registry.create("clients", name, config.client_options)
     if not isinstance(algorithm, ClientAlgorithm):
-        raise ValueError(f"{config.client or strategy.client!r} is not a fedlab ClientAlgorithm")
+        raise ValueError(f"{name!r} is not a fedlab ClientAlgorithm")
+    if config.dp == "sample":
+        from fedlab.clients.sgd import LocalSGD
+
+        if not isinstance(algorithm, LocalSGD):
+            raise ValueError(
+                f"dp = 'sample' trains with DP-SGD inside LocalSGD.train; client {name!r} does "
+                "not train with it, so its records would not be protected"
+            )
     return algorithm
 
 
