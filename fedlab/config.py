@@ -75,6 +75,9 @@ class RunConfig:
     memory: str = "memory"
     min_clients: int = 1
     concurrency: int = 0
+    round_timeout: float = 0.0
+    min_updates: int = 1
+    over_selection: float = 0.0
     local_steps: int = 10
     local_epochs: float = 0.0
     lr: float = 0.1
@@ -101,7 +104,16 @@ class RunConfig:
     out: str = ""
 
     def __post_init__(self) -> None:
-        _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
+        _positive_int(
+            self,
+            "clients",
+            "rounds",
+            "workers",
+            "eval_every",
+            "min_clients",
+            "threads",
+            "min_updates",
+        )
         _non_negative(
             self,
             "local_epochs",
@@ -116,6 +128,8 @@ class RunConfig:
             "cache_mb",
             "buffer",
             "period",
+            "round_timeout",
+            "over_selection",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean")
         if not 0 < self.fraction <= 1:
