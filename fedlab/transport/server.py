@@ -102,6 +102,7 @@ class GrpcTransport:
         self._restored: dict[ClientId, tuple[int, str]] = {}
         self._finished = False
         self._told: set[ClientId] = set()
+        self._seen: dict[ClientId, float] = {}
         self._t0 = time.monotonic()
         self._offset = 0.0
         options = [
@@ -205,8 +206,14 @@ class GrpcTransport:
                 return
             self._closed = self._finished = True
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self.joined <= self._told, self.linger)
+            self._cond.wait_for(self._everyone_told, self.linger)
         self._server.stop(grace=1.0).wait()
+
+    def _everyone_told(self) -> bool:
+        # Clients silent for longer than the stall timeout are gone; nobody waits for them.
+        now = time.monotonic()
+        live = {c for c in self.joined if now - self._seen.get(c, 0.0) <= self.stall_timeout}
+        return live <= self._told
 
     # ------------------------------------------------------------------ the clients' side
 
@@ -222,6 +229,8 @@ class GrpcTransport:
         reason = self.policy.check(client_id, common_name=common, token=token)
         if reason is not None:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+        with self._cond:
+            self._seen[client_id] = time.monotonic()
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
         self.refused.append(reason)
