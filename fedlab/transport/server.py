@@ -318,6 +318,8 @@ class GrpcTransport:
                     raise WireError("a second header in one update")
                 for piece in chunk.tensors:
                     asm.add(piece)
+                with self._cond:
+                    self._alive(cid, h.task_id)  # a long upload is a sign of life too
                 if chunk.sha256:
                     checksum = chunk.sha256
                     break
