@@ -76,6 +76,9 @@ class RunConfig:
     memory: str = "memory"
     min_clients: int = 1
     concurrency: int = 0
+    round_timeout: float = 0.0
+    min_updates: int = 1
+    over_selection: float = 0.0
     local_steps: int = 10
     local_epochs: float = 0.0
     lr: float = 0.1
@@ -107,7 +110,16 @@ class RunConfig:
     target_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
+        _positive_int(
+            self,
+            "clients",
+            "rounds",
+            "workers",
+            "eval_every",
+            "min_clients",
+            "threads",
+            "min_updates",
+        )
         _non_negative(
             self,
             "local_epochs",
@@ -124,6 +136,8 @@ class RunConfig:
             "period",
             "noise_multiplier",
             "target_epsilon",
+            "round_timeout",
+            "over_selection",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm")
         if not 0 < self.fraction <= 1:

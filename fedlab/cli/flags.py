@@ -29,6 +29,11 @@ HELP = {
     "memory": "where the server keeps per-client state: memory, or disk (in the run directory)",
     "min_clients": "fewest clients per version",
     "concurrency": "clients in flight for asynchronous strategies (0: from --fraction)",
+    "round_timeout": "seconds a synchronous version waits before aggregating what arrived "
+    "(0: wait for every client); simulated seconds in simulation, wall seconds when deployed",
+    "min_updates": "fewest updates a synchronous version aggregates once --round-timeout passed",
+    "over_selection": "extra share of clients given a synchronous task; the version aggregates "
+    "as soon as the planned number answered (0.2: select 20%% more)",
     "local_steps": "local SGD steps per task",
     "local_epochs": "local epochs per task (overrides --local-steps when > 0)",
     "lr": "client learning rate",

@@ -25,6 +25,7 @@ from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Strategy
 from fedlab.transforms import Pipeline
+from fedlab.transport import Transport
 
 __all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
 
@@ -121,18 +122,8 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
     return InProcessExecutor(build_runtime(config, workload))
 
 
-def build_engine(
-    config: RunConfig,
-    *,
-    run_dir: str | Path | None = None,
-    callbacks: Sequence[Callback] = (),
-    workload: Workload | None = None,
-) -> Engine:
-    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run."""
-    workload = workload or build_workload(config)
-    strategy = build_strategy(config)
-    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
-    adversary = build_attack(config)  # and on a bad attack
+def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
+    """The virtual-clock transport in front of ``config``'s backend."""
     speeds = SpeedModel(
         distribution=config.speed,
         mean=config.speed_mean,
@@ -146,12 +137,33 @@ def build_engine(
         spread=config.latency_spread,
         seed=config.seed,
     )
-    transport = SimTransport(
+    return SimTransport(
         executor=build_executor(config, workload),
         num_clients=config.clients,
         speeds=speeds,
         latency=latency,
     )
+
+
+def build_engine(
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    workload: Workload | None = None,
+    transport: Transport | None = None,
+) -> Engine:
+    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run.
+
+    ``transport`` (default: a simulation over the virtual clock) is where tasks go: the
+    deployed server passes its gRPC transport, and nothing else changes.
+    """
+    workload = workload or build_workload(config)
+    strategy = build_strategy(config)
+    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
+    adversary = build_attack(config)  # and on a bad attack
+    if transport is None:
+        transport = build_transport(config, workload)
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
     participation = build_participation(
         config.participation,
@@ -181,6 +193,9 @@ def build_engine(
         fraction=config.fraction,
         min_clients=config.min_clients,
         concurrency=config.concurrency or None,
+        round_timeout=config.round_timeout or None,
+        min_updates=config.min_updates,
+        over_selection=config.over_selection,
         run_dir=run_dir,
         fingerprint=config.fingerprint(),
         callbacks=callbacks,
