@@ -201,11 +201,15 @@ def _position(symbols: Ints, counts: Sequence[int]) -> tuple[bytes, Bits]:
     return head, np.concatenate([to_bits(p, width) for p in lists] + [np.zeros(0, np.uint8)])
 
 
-def rice_parameter(gaps: Ints) -> int:
-    """The Golomb-Rice parameter ``b`` giving the fewest bits for ``gaps`` (each >= 1)."""
+def rice_parameter(gaps: Ints) -> tuple[int, int]:
+    """``(b, bits)``: the Golomb-Rice parameter giving the fewest bits for ``gaps`` (each >= 1).
+
+    A gap ``g`` costs ``((g - 1) >> b) + 1`` unary bits and ``b`` remainder bits.
+    """
     g = gaps - 1
     costs = [int((g >> b).sum()) + g.size * (b + 1) for b in range(32)]
-    return int(np.argmin(costs))
+    b = int(np.argmin(costs))
+    return b, costs[b]
 
 
 def _gap(symbols: Ints, counts: Sequence[int]) -> tuple[bytes, Bits]:
@@ -214,7 +218,7 @@ def _gap(symbols: Ints, counts: Sequence[int]) -> tuple[bytes, Bits]:
     parts: list[Bits] = []
     for p in lists:
         g = np.diff(p, prepend=-1) - 1  # gap to the previous index (from -1), minus one
-        b = rice_parameter(g + 1)
+        b, _ = rice_parameter(g + 1)
         head += struct.pack("<IB", p.size, b)
         q = g >> b
         unary = np.ones(int(q.sum()) + p.size, dtype=np.uint8)
@@ -277,14 +281,25 @@ def encode_symbols(
     Returns ``method byte | method header | bitstream padded to a byte``.
     """
     counts = np.bincount(symbols, minlength=k).tolist() if symbols.size else [0] * k
+    # Exact sizes first, so only the chosen bitstream is built.
+    size = {
+        m: _method_head_size(m, k) + (encoded_bits(m, symbols, counts) + 7) // 8 for m in methods
+    }
+    best = min(methods, key=lambda m: (size[m], m))
     encoders = {HUFFMAN: _huffman, POSITION: _position, GAP: _gap}
-    best = b""
-    for m in methods:
-        head, bits = encoders[m](symbols, counts)
-        blob = struct.pack("<B", m) + head + np.packbits(bits).tobytes()
-        if not best or len(blob) < len(best):
-            best = blob
-    return best
+    head, bits = encoders[best](symbols, counts)
+    return struct.pack("<B", best) + head + np.packbits(bits).tobytes()
+
+
+def encoded_bits(method: int, symbols: Ints, counts: Sequence[int]) -> int:
+    """Length in bits of the bitstream (header excluded) ``method`` makes of ``symbols``."""
+    if method == HUFFMAN:
+        return sum(c * ln for c, ln in zip(counts, huffman_lengths(counts), strict=True))
+    common = int(np.argmax(counts))
+    if method == POSITION:
+        return (symbols.size - counts[common]) * max(symbols.size - 1, 0).bit_length()
+    _, lists = _others(symbols, counts)
+    return sum(rice_parameter(np.diff(p, prepend=-1))[1] for p in lists)
 
 
 def decode_symbols(blob: bytes, k: int, n: int) -> Ints:
@@ -348,6 +363,8 @@ class FedZip(TensorCodec):
     def compress(self, name: str, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         centroids, symbols = self.quantize(x)
         k = centroids.numel()
+        if k == 0:
+            return struct.pack("<B", 0), x.clone()  # an empty tensor: its header says it all
         methods = [METHODS.index(e) for e in self.encodings]
         body = (
             struct.pack("<B", k)
