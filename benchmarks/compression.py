@@ -64,9 +64,7 @@ def run_one(workload: str, setting: int, args: argparse.Namespace) -> dict[str, 
 
     torch.set_num_threads(1)
     label, codec, options = SETTINGS[setting]
-    config = RunConfig(
-        **workload_config(workload, args), compress=codec, compress_options=options
-    )
+    config = RunConfig(**workload_config(workload, args), compress=codec, compress_options=options)
     rows: list[dict[str, Any]] = []
 
     class Keep:

@@ -86,7 +86,7 @@ def test_bad_codec_options_and_mismatched_entries_are_refused() -> None:
     enc, _ = Int8().encode({"w": torch.ones(3)}, CTX, None)
     with pytest.raises(ValueError, match="encoded with 'int8'"):
         Float16().decode(enc, CTX)
-    with pytest.raises(ValueError, match="malformed|bytes"):
+    with pytest.raises(ValueError, match=r"malformed|bytes"):
         Int8().decode({"w#int8": enc["w#int8"][:-2]}, CTX)
     with pytest.raises(ValueError, match="may not contain"):
         Int8().encode({"w#x": torch.ones(3)}, CTX, None)
