@@ -101,6 +101,8 @@ class RunConfig:
     byzantine: float = 0.0
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
+    compress: str = ""
+    compress_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     out: str = ""
     dp: str = ""
@@ -159,6 +161,8 @@ class RunConfig:
                 "attack and byzantine go together: name an attack and a positive byzantine "
                 f"fraction, or neither (got attack {self.attack!r}, byzantine {self.byzantine})"
             )
+        if self.compress_options and not self.compress:
+            raise ConfigError("compress_options given without compress: name a codec (--compress)")
         self._check_dp()
 
     def _check_dp(self) -> None:

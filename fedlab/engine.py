@@ -20,7 +20,7 @@ from fedlab import seeding, tensorio
 from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
-from fedlab.transforms import Pipeline, TransformContext
+from fedlab.transforms import Pipeline, TransformContext, payload_bytes
 from fedlab.transport import Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
 
@@ -60,6 +60,10 @@ class _VersionLog:
     rejected: int = 0
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # every update received, rejected ones included: they were sent
+    bytes_down: int = 0  # the params of every task handed out
+    decoded_bytes: int = 0  # received bytes of the updates that decoded...
+    decoded_entries: int = 0  # ...and the entries they decoded to
 
 
 class Engine:
@@ -271,6 +275,7 @@ class Engine:
         self.inflight[cid] = task.version
         self._inflight_config[cid] = task.config
         self._task_params.setdefault(task.version, task.params)
+        self._log.bytes_down += payload_bytes(task.params)
         if isinstance(self.strategy.trigger, EveryRound):
             self._pending.add(cid)
         self.transport.submit(cid, task)
@@ -287,6 +292,7 @@ class Engine:
 
     def _receive(self, update: Update) -> None:
         self.counters.received += 1
+        self._log.bytes_up += payload_bytes(update.payload)
         cid = update.client_id
         expected = self.inflight.get(cid)
         if expected is None:
@@ -307,6 +313,8 @@ class Engine:
         try:
             ctx = TransformContext(client_id=cid, version=update.version, seed=self.seed)
             payload = self.pipeline.decode(update.payload, ctx)
+            self._log.decoded_bytes += payload_bytes(update.payload)
+            self._log.decoded_entries += sum(t.numel() for t in payload.values())
             decoded = Update(
                 client_id=cid,
                 version=update.version,
@@ -400,6 +408,13 @@ class Engine:
             row["client_epsilon_max"] = max(eps)
             row["client_epsilon_mean"] = sum(eps) / len(eps)
         row["examples"] = n
+        row["bytes_up"] = self._log.bytes_up
+        row["bytes_down"] = self._log.bytes_down
+        if self._log.decoded_bytes:
+            # 32 bits per entry (float32) over the bits actually received.
+            row["compression_ratio"] = (
+                32 * self._log.decoded_entries / (8 * self._log.decoded_bytes)
+            )
         row.update({f"strategy_{k}": float(v) for k, v in dict(metrics).items()})
         if self._log.reasons:
             row["reject_reasons"] = list(self._log.reasons)

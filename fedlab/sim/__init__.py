@@ -24,10 +24,17 @@ from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Strategy
-from fedlab.transforms import Pipeline
+from fedlab.transforms import Pipeline, UpdateTransform
 from fedlab.transport import Transport
 
-__all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
+__all__ = [
+    "SimTransport",
+    "SpeedModel",
+    "build_engine",
+    "build_pipeline",
+    "build_runtime",
+    "build_workload",
+]
 
 
 def build_workload(config: RunConfig) -> Workload:
@@ -79,6 +86,21 @@ def build_algorithm(config: RunConfig, strategy: Strategy) -> ClientAlgorithm:
     return algorithm
 
 
+def build_pipeline(config: RunConfig) -> Pipeline:
+    """The update transforms of ``config``, one pipeline for the clients and the server.
+
+    Both halves must be built from the same configuration: what a client encodes, the server
+    decodes in reverse.
+    """
+    transforms: list[UpdateTransform] = []
+    if config.compress:
+        codec = registry.create("transforms", config.compress, config.compress_options)
+        if not isinstance(codec, UpdateTransform):
+            raise ValueError(f"{config.compress!r} is not a fedlab UpdateTransform")
+        transforms.append(codec)
+    return Pipeline(tuple(transforms))
+
+
 def build_runtime(config: RunConfig, workload: Workload | None = None) -> ClientRuntime:
     """One worker's client runtime; Ray actors call this with the config they were given.
 
@@ -95,7 +117,7 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     return ClientRuntime(
         workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
-        pipeline=Pipeline(),
+        pipeline=build_pipeline(config),
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
@@ -162,6 +184,7 @@ def build_engine(
     strategy = build_strategy(config)
     build_algorithm(config, strategy)  # fail on a bad client name before starting workers
     adversary = build_attack(config)  # and on a bad attack
+    pipeline = build_pipeline(config)  # and on a bad codec or codec option
     if transport is None:
         transport = build_transport(config, workload)
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
@@ -203,6 +226,7 @@ def build_engine(
         participation=participation,
         memory=build_memory(config, run_dir),
         adversary=adversary,
+        pipeline=pipeline,
     )
 
 
