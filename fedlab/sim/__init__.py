@@ -7,8 +7,10 @@ timing, sampling and results are the same for every backend and worker count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,8 +25,11 @@ from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
-from fedlab.strategy import Strategy
-from fedlab.transforms import Pipeline
+from fedlab.strategy import Buffer, Strategy
+from fedlab.transforms import Pipeline, UpdateTransform
+
+if TYPE_CHECKING:
+    from fedlab.strategies.dp_fedavg import DPFedAvg
 
 __all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
 
@@ -94,10 +99,62 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     return ClientRuntime(
         workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
-        pipeline=Pipeline(),
+        pipeline=build_pipeline(config),
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
+    )
+
+
+def build_pipeline(config: RunConfig) -> Pipeline:
+    """The update transforms of ``config``, in the order clients apply them.
+
+    Client-level DP clips (and, with local noise, noises) first: whatever comes after it
+    encodes an update that is already private.
+    """
+    transforms: list[UpdateTransform] = []
+    if config.dp == "client":
+        from fedlab.clients.dp_fedavg import ClipUpdate
+
+        local = config.dp_noise == "local"
+        transforms.append(
+            ClipUpdate(
+                clip_norm=config.clip_norm,
+                noise_multiplier=client_dp(config, build_strategy(config)).noise_multiplier
+                if local
+                else 0.0,
+                local=local,
+                send_norm=config.adaptive_clip,
+            )
+        )
+    return Pipeline(tuple(transforms))
+
+
+def client_dp(config: RunConfig, strategy: Strategy) -> DPFedAvg:
+    """``strategy`` wrapped in client-level DP as ``config`` asks (``config.dp == "client"``)."""
+    from fedlab.strategies.dp_fedavg import DPFedAvg
+
+    trigger = strategy.trigger
+    per_version = (
+        trigger.k
+        if isinstance(trigger, Buffer)
+        else min(
+            config.clients, max(config.min_clients, math.ceil(config.fraction * config.clients))
+        )
+    )
+    return DPFedAvg(
+        inner=strategy,
+        noise=config.dp_noise,
+        noise_multiplier=config.noise_multiplier,
+        clip_norm=config.clip_norm,
+        delta=config.delta or 1 / (10 * config.clients),
+        target_epsilon=config.target_epsilon,
+        versions=config.rounds,
+        sample_rate=per_version / config.clients,
+        adaptive=config.adaptive_clip,
+        target_quantile=config.clip_quantile,
+        clip_lr=config.clip_lr,
+        count_stddev=config.clip_count_stddev,
     )
 
 
@@ -173,6 +230,8 @@ def build_engine(
         strategy = dataclasses.replace(  # type: ignore[call-arg]
             strategy, probabilities=tuple(float(p) for p in probabilities)
         )
+    if config.dp == "client":
+        strategy = client_dp(config, strategy)
     return Engine(
         strategy=strategy,
         transport=transport,
@@ -188,6 +247,7 @@ def build_engine(
         participation=participation,
         memory=build_memory(config, run_dir),
         adversary=adversary,
+        pipeline=build_pipeline(config),
     )
 
 
