@@ -23,7 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BACKENDS = ("inprocess", "ray")
-DP_LEVELS = ("", "sample")
+DP_LEVELS = ("", "sample", "client")
+DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
@@ -110,6 +111,12 @@ class RunConfig:
     max_grad_norm: float = 1.0
     delta: float = 0.0
     target_epsilon: float = 0.0
+    dp_noise: str = "central"
+    clip_norm: float = 1.0
+    adaptive_clip: bool = False
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_stddev: float = 0.0
 
     def __post_init__(self) -> None:
         _positive_int(
@@ -140,8 +147,10 @@ class RunConfig:
             "target_epsilon",
             "round_timeout",
             "over_selection",
+            "clip_lr",
+            "clip_count_stddev",
         )
-        _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm")
+        _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm", "clip_norm")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.local_steps == 0 and self.local_epochs == 0:
@@ -175,6 +184,17 @@ class RunConfig:
                 "dp = 'sample' needs exactly one of noise_multiplier > 0 (a fixed sigma) or "
                 "target_epsilon > 0 (sigma solved per client for the planned versions)"
             )
+        if self.dp == "client" and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise ConfigError(
+                "dp = 'client' needs noise_multiplier > 0, target_epsilon > 0 (z solved for the "
+                "planned versions), or both (z given, the run stops at the budget)"
+            )
+        if self.dp_noise not in DP_NOISES:
+            raise ConfigError(f"dp_noise must be one of {DP_NOISES}, got {self.dp_noise!r}")
+        if not 0 <= self.clip_quantile <= 1:
+            raise ConfigError(f"clip_quantile must be in [0, 1], got {self.clip_quantile}")
+        if self.adaptive_clip and (self.dp != "client" or self.dp_noise != "central"):
+            raise ConfigError("adaptive_clip needs dp = 'client' with dp_noise = 'central'")
 
     @property
     def task_config(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch.func import grad, vmap
 __all__ = [
     "NOISE",
     "History",
+    "PrivacyBudgetExhausted",
     "clip_per_record",
     "compose",
     "epsilon",
@@ -35,6 +36,15 @@ NOISE = 0x4450
 History = list[list[float]]
 """An accountant's history: ``[[noise_multiplier, sample_rate, steps], ...]`` (plain lists, so
 it can be stored in a checkpoint)."""
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next version would take the run's ``ε`` past its ``target_epsilon``.
+
+    Raised before that version's tasks go out, so nothing of it is computed or released and
+    the last checkpoint holds the run's final model.
+    """
+
 
 Forward = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 """``forward(tensors, x) -> logits``, computing with ``tensors`` in place of the trained ones."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_resume_bit_identical, small_config
+from conftest import Rows, assert_resume_bit_identical, small_config
 from fedlab import privacy
 from fedlab.client import ClientContext, Fit
 from fedlab.clients.sgd import LocalSGD, poisson_batches
@@ -157,14 +157,10 @@ def test_engine_logs_max_and_mean_client_epsilon() -> None:
     engine = build_engine(
         small_config(clients=10, fraction=0.3, dp="sample", target_epsilon=5.0, batch_size=4)
     )
-    rows: list[dict[str, Any]] = []
-
-    class Keep:
-        def on_version(self, engine: Any, row: dict[str, Any]) -> None:
-            rows.append(row)
-
-    engine.callbacks.append(Keep())
+    keep = Rows()
+    engine.callbacks.append(keep)
     engine.run(2)
+    rows = keep.rows
     assert all(r["client_epsilon_max"] >= r["client_epsilon_mean"] > 0 for r in rows)
     assert all(r["client_epsilon_max"] <= 5.0 for r in rows)
 
@@ -178,3 +174,25 @@ def test_bad_dp_settings_are_refused() -> None:
         small_config(dp="record")
     with pytest.raises(ValueError, match="does not train with it"):
         build_engine(small_config(dp="sample", noise_multiplier=1.0, strategy="dp-brem"))
+
+
+@pytest.mark.parametrize("strategy", ["frl", "fed-sb"])
+def test_every_client_half_on_the_loop_gets_dp_sgd(strategy: str) -> None:
+    # FRL's scores and Fed-SB's R train through LocalSGD.train, so they are DP-SGD'd as well.
+    pytest.importorskip("opacus")
+    config = small_config(
+        clients=10,
+        fraction=0.3,
+        strategy=strategy,
+        workload="digits",
+        model="mlp",
+        dp="sample",
+        noise_multiplier=1.0,
+        batch_size=4,
+    )
+    engine = build_engine(config)
+    keep = Rows()
+    engine.callbacks.append(keep)
+    engine.run(1)
+    rows = keep.rows
+    assert rows[0]["client_epsilon_max"] > 0 and rows[0]["train_noise_multiplier"] == 1.0

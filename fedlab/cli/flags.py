@@ -62,11 +62,20 @@ HELP = {
     "pkg.mod:Class (empty: none)",
     "eval_every": "evaluate the global model every N versions",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
-    "dp": "differential privacy: sample (DP-SGD on every client's records); empty: none",
+    "dp": "differential privacy: sample (DP-SGD on every client's records), client "
+    "(DP-FedAvg: clipped updates plus noise); empty: none",
     "noise_multiplier": "DP noise multiplier (noise std over the clipping norm)",
     "max_grad_norm": "DP-SGD per-record gradient clipping norm C (--dp sample)",
-    "delta": "DP delta (0: 1/(10 n) per client for --dp sample)",
-    "target_epsilon": "DP budget: --dp sample solves each client's sigma for it",
+    "delta": "DP delta (0: 1/(10 n) per client for --dp sample, 1/(10 clients) for --dp client)",
+    "target_epsilon": "DP budget: --dp sample solves each client's sigma for it; --dp client "
+    "solves z for it when --noise-multiplier is 0, and stops the run before exceeding it",
+    "dp_noise": "--dp client: central (the server adds noise to the sum) or local (each client)",
+    "clip_norm": "--dp client: the update clipping norm S (the initial one with --adaptive-clip)",
+    "adaptive_clip": "--dp client (central): adapt S to the --clip-quantile of update norms",
+    "clip_quantile": "adaptive clipping's target quantile of the update norms",
+    "clip_lr": "adaptive clipping's geometric step size",
+    "clip_count_stddev": "adaptive clipping's noise std on the count of unclipped updates "
+    "(0: updates per version / 20)",
 }
 
 
@@ -78,6 +87,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
             continue  # option tables get KEY=VALUE flags below
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{HELP.get(f.name, '')} (default: {f.default!r})",
+            )
+            continue
         parser.add_argument(
             flag,
             type=kind,

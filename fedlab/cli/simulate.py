@@ -14,6 +14,7 @@ from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.cli.flags import add_run_flags, given_flags, resolve_config
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
 from fedlab.engine import CHECKPOINT, Engine
+from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.sim import build_engine, build_workload
 from fedlab.transport import Transport
 
@@ -113,6 +114,7 @@ def execute(
     )
     if progress is not None:
         engine.callbacks.append(progress)
+    stopped = ""
     try:
         if ready is not None:
             ready(engine)
@@ -123,12 +125,23 @@ def execute(
             f"fedlab {command} --resume {run_dir}"
         )
         raise
+    except PrivacyBudgetExhausted as e:
+        # A clean stop: the checkpoint of the last released version is the final model.
+        stopped = str(e)
     finally:
         if progress is not None:
             progress.close()
         engine.transport.close()
     final = evaluator.evaluate(engine.params)
     summary = _summary(engine, config, final, command)
+    if stopped:
+        summary["stopped"] = stopped
+        print(
+            f"fedlab: privacy budget spent: {stopped}. The checkpoint at version "
+            f"{engine.version} is intact; resuming it stops here again, because "
+            "target_epsilon is part of the run's configuration and cannot change on resume. "
+            "To train further, start a new run with a budget that covers it."
+        )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tensorio.save(run_dir / "model.fl", dict(engine.params))
     _print_table(summary, run_dir, command)

@@ -7,8 +7,10 @@ timing, sampling and results are the same for every backend and worker count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,9 +25,12 @@ from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
-from fedlab.strategy import Strategy
+from fedlab.strategy import Buffer, Strategy
 from fedlab.transforms import Pipeline, UpdateTransform
 from fedlab.transport import Transport
+
+if TYPE_CHECKING:
+    from fedlab.strategies.dp_fedavg import DPFedAvg
 
 __all__ = [
     "SimTransport",
@@ -86,21 +91,6 @@ def build_algorithm(config: RunConfig, strategy: Strategy) -> ClientAlgorithm:
     return algorithm
 
 
-def build_pipeline(config: RunConfig) -> Pipeline:
-    """The update transforms of ``config``, one pipeline for the clients and the server.
-
-    Both halves must be built from the same configuration: what a client encodes, the server
-    decodes in reverse.
-    """
-    transforms: list[UpdateTransform] = []
-    if config.compress:
-        codec = registry.create("transforms", config.compress, config.compress_options)
-        if not isinstance(codec, UpdateTransform):
-            raise ValueError(f"{config.compress!r} is not a fedlab UpdateTransform")
-        transforms.append(codec)
-    return Pipeline(tuple(transforms))
-
-
 def build_runtime(config: RunConfig, workload: Workload | None = None) -> ClientRuntime:
     """One worker's client runtime; Ray actors call this with the config they were given.
 
@@ -121,6 +111,64 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
+    )
+
+
+def build_pipeline(config: RunConfig) -> Pipeline:
+    """The update transforms of ``config``, in the order clients apply them; the server
+    decodes in reverse, so both halves must be built from the same configuration.
+
+    Client-level DP clips (and, with local noise, noises) first: the codec after it encodes
+    an update that is already private.
+    """
+    transforms: list[UpdateTransform] = []
+    if config.dp == "client":
+        from fedlab.clients.dp_fedavg import ClipUpdate
+
+        local = config.dp_noise == "local"
+        transforms.append(
+            ClipUpdate(
+                clip_norm=config.clip_norm,
+                noise_multiplier=client_dp(config, build_strategy(config)).noise_multiplier
+                if local
+                else 0.0,
+                local=local,
+                send_norm=config.adaptive_clip,
+            )
+        )
+    if config.compress:
+        codec = registry.create("transforms", config.compress, config.compress_options)
+        if not isinstance(codec, UpdateTransform):
+            raise ValueError(f"{config.compress!r} is not a fedlab UpdateTransform")
+        transforms.append(codec)
+    return Pipeline(tuple(transforms))
+
+
+def client_dp(config: RunConfig, strategy: Strategy) -> DPFedAvg:
+    """``strategy`` wrapped in client-level DP as ``config`` asks (``config.dp == "client"``)."""
+    from fedlab.strategies.dp_fedavg import DPFedAvg
+
+    trigger = strategy.trigger
+    per_version = (
+        trigger.k
+        if isinstance(trigger, Buffer)
+        else min(
+            config.clients, max(config.min_clients, math.ceil(config.fraction * config.clients))
+        )
+    )
+    return DPFedAvg(
+        inner=strategy,
+        noise=config.dp_noise,
+        noise_multiplier=config.noise_multiplier,
+        clip_norm=config.clip_norm,
+        delta=config.delta or 1 / (10 * config.clients),
+        target_epsilon=config.target_epsilon,
+        versions=config.rounds,
+        sample_rate=per_version / config.clients,
+        adaptive=config.adaptive_clip,
+        target_quantile=config.clip_quantile,
+        clip_lr=config.clip_lr,
+        count_stddev=config.clip_count_stddev,
     )
 
 
@@ -208,6 +256,8 @@ def build_engine(
         strategy = dataclasses.replace(  # type: ignore[call-arg]
             strategy, probabilities=tuple(float(p) for p in probabilities)
         )
+    if config.dp == "client":
+        strategy = client_dp(config, strategy)
     return Engine(
         strategy=strategy,
         transport=transport,
