@@ -33,6 +33,7 @@ __all__ = [
     "PARTITIONS",
     "WORKLOADS",
     "ClientData",
+    "PublicSample",
     "Workload",
     "load_dotted",
     "make_workload",
@@ -116,6 +117,23 @@ class ClientData:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class PublicSample:
+    """Labelled examples the *server* may use, disjoint from every client's data.
+
+    A workload that has such a split offers it as ``public_data() -> ClientData``; the
+    simulator pairs it with a fresh model of the workload for strategies that initialise from
+    data (Fed-SB's gradient initialization), so that no client's private data is read.
+
+    Attributes:
+        model: a module of the workload's architecture (its values are overridden by params).
+        data: the public examples.
+    """
+
+    model: nn.Module
+    data: ClientData
 
 
 class Workload(Protocol):

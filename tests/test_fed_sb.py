@@ -14,9 +14,9 @@ from fedlab import registry
 from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
+from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted
 from fedlab.sim import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
-from fedlab.strategies.fed_sb import A_KEY, B_KEY, R_KEY, adapted
 from fedlab.strategy import UpdateRejected
 from fedlab.types import Round, Update
 
@@ -46,7 +46,7 @@ def test_exactness_mean_of_full_updates_equals_update_of_mean_r() -> None:
         {k: torch.randn(3, 3, generator=_gen(10 * i + j)) for j, k in enumerate(state["r"])}
         for i in range(4)
     ]
-    ups = [_update(r, cid=i) for i, r in enumerate(rs)]
+    ups = [_update({R_KEY + k: v for k, v in r.items()}, cid=i) for i, r in enumerate(rs)]
     for u in ups:
         fed.validate(u, PARAMS)
     params, new_state, metrics = fed.aggregate(state, PARAMS, ups, RND)
@@ -61,14 +61,15 @@ def test_exactness_mean_of_full_updates_equals_update_of_mean_r() -> None:
     assert torch.equal(params["fc1.bias"], PARAMS["fc1.bias"])
     # Only R travels: r^2 floats per adapted layer, against the full matrices for FedAvg.
     assert metrics["upload_bytes"] == 4 * 2 * 9 * len(ups)
-    assert metrics["fedavg_upload_bytes"] == 4 * (12 * 9 + 5 * 12) * len(ups)
+    assert metrics["download_bytes"] == metrics["upload_bytes"]
+    assert metrics["fedavg_upload_bytes"] == 4 * (12 * 9 + 12 + 5 * 12 + 5) * len(ups)
 
 
 def test_example_weighting() -> None:
     fed = FedSB(rank=2)
     state = fed.init(PARAMS)
-    r1 = {k: torch.ones(2, 2) for k in state["r"]}
-    r2 = {k: torch.zeros(2, 2) for k in state["r"]}
+    r1 = {R_KEY + k: torch.ones(2, 2) for k in state["r"]}
+    r2 = {R_KEY + k: torch.zeros(2, 2) for k in state["r"]}
     _, new_state, _ = fed.aggregate(state, PARAMS, [_update(r1, 0, 30), _update(r2, 1, 10)], RND)
     for r in new_state["r"].values():
         torch.testing.assert_close(r, torch.full((2, 2), 0.75))
@@ -97,6 +98,9 @@ def test_init_is_orthonormal_weight_svd_and_starts_at_the_initial_model() -> Non
 def test_target_regex_and_options() -> None:
     assert adapted(PARAMS) == ["fc1.weight", "fc2.weight"]
     assert adapted(PARAMS, "fc2") == ["fc2.weight"]
+    # A head is trained in full and never adapted, whatever target says.
+    assert adapted(PARAMS, ".*", head="fc2") == ["fc1.weight"]
+    assert list(FedSB(head="fc2").init(PARAMS)["r"]) == ["fc1.weight"]
     assert list(FedSB(target="fc1").init(PARAMS)["r"]) == ["fc1.weight"]
     with pytest.raises(ValueError):
         FedSB(target="nothing").init(PARAMS)
@@ -108,18 +112,24 @@ def test_target_regex_and_options() -> None:
         FedSB(weighting="median")
     with pytest.raises(ValueError):
         FedSB(target="(")
+    with pytest.raises(ValueError):
+        FedSB(head="[")
+    with pytest.raises(ValueError):
+        FedSB(initialization="random")
 
 
 def test_validation_rejects_wrong_shapes_names_and_non_finite() -> None:
     fed = FedSB(rank=2)
-    good = {"fc1.weight": torch.zeros(2, 2), "fc2.weight": torch.zeros(2, 2)}
+    r1, r2 = R_KEY + "fc1.weight", R_KEY + "fc2.weight"
+    good = {r1: torch.zeros(2, 2), r2: torch.zeros(2, 2)}
     fed.validate(_update(good), PARAMS)
     bad = [
-        {"fc1.weight": torch.zeros(2, 2)},
-        {**good, "fc2.weight": torch.zeros(3, 3)},
-        {**good, "fc2.weight": torch.zeros(2, 2, dtype=torch.float64)},
-        {**good, "fc1.weight": torch.tensor([[0.0, float("nan")], [0.0, 0.0]])},
+        {r1: torch.zeros(2, 2)},
+        {**good, r2: torch.zeros(3, 3)},
+        {**good, r2: torch.zeros(2, 2, dtype=torch.float64)},
+        {**good, r1: torch.tensor([[0.0, float("nan")], [0.0, 0.0]])},
         {**good, "fc1.bias": torch.zeros(12)},
+        {"fc1.weight": torch.zeros(2, 2), "fc2.weight": torch.zeros(2, 2)},
     ]
     for payload in bad:
         with pytest.raises(UpdateRejected):
@@ -155,7 +165,7 @@ def test_clients_train_only_r_and_only_r_travels() -> None:
     runtime = build_runtime(config)
     update, _ = runtime.run(0, tasks[0], None)
     fed.validate(update, engine.params)
-    assert set(update.payload) == {"0.weight", "2.weight"}
+    assert set(update.payload) == {R_KEY + "0.weight", R_KEY + "2.weight"}
     assert sum(r.numel() for r in update.payload.values()) == 2 * 4**2
     assert any(update.payload[k].any() for k in update.payload)  # R moved from R0 = 0
     for k, v in before.items():
