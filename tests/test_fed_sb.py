@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ from fedlab import registry
 from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
+from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
 from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted
 from fedlab.sim import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
+from fedlab.strategies.fed_sb import public_gradient
 from fedlab.strategy import UpdateRejected
 from fedlab.types import Round, Update
 
@@ -203,10 +206,106 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_cli_simulate_exits_zero(tmp_path: Path) -> None:
-    args = ["simulate", "--strategy", "fed-sb", "--workload", "digits", "--model", "mlp"]
+    args = ["simulate", "--strategy", "fed-sb", "--workload", "digits-shift"]
+    args += ["--strategy-opt", "initialization=gradient", "--strategy-opt", "head=2"]
     args += ["--clients", "10", "--fraction", "1.0", "--rounds", "2", "--no-progress"]
     args += ["--out", str(tmp_path / "run")]
     proc = subprocess.run(
         [sys.executable, "-m", "fedlab", *args], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- pretrain-then-fine-tune
+
+
+def _shift(**changes: object) -> RunConfig:
+    return _digits(workload="digits-shift", model="default", lr=1.0, **changes)
+
+
+def test_digits_shift_parts_are_disjoint_and_the_backbone_is_pretrained() -> None:
+    workload = build_workload(_shift())
+    assert isinstance(workload, _DigitsWorkload)
+    parts = {k: set(v.tolist()) for k, v in workload.split.items()}
+    assert set(parts) == {"test", "clients", "source", "public"}
+    for a in parts:
+        for b in parts:
+            assert a == b or not parts[a] & parts[b], (a, b)
+    public = workload.public_data()
+    assert len(public) == SHIFT_PUBLIC_EXAMPLES
+    # Deterministic from the seed; pretrained on upright digits, which the shift defeats.
+    model = workload.make_model()
+    again = build_workload(_shift()).make_model()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    upright = Evaluator(build_workload(_digits(workload="digits"))).evaluate(model.state_dict())
+    shifted = Evaluator(workload).evaluate(model.state_dict())
+    assert upright["accuracy"] > 0.9 and shifted["accuracy"] < 0.3
+    with pytest.raises(ValueError, match="public sample"):
+        build_workload(_digits()).public_data()  # type: ignore[attr-defined]
+
+
+def test_gradient_init_is_the_best_rank_r_approximation_of_the_sign_update() -> None:
+    """(b) B R0 A = trunc_r(-eta sign(G)) with G on the public sample (Eckart-Young),
+    B^T B = I, A A^T = I; (f) every client receives the same B and A (hashes)."""
+    config = _shift(strategy_options={"rank": 4, "initialization": "gradient", "init_lr": 0.01})
+    workload = build_workload(config)
+    engine = build_engine(config, workload=workload)
+    fed = engine.strategy
+    assert isinstance(fed, FedSB) and fed.public is not None
+    assert torch.equal(fed.public.data.x, workload.public_data().x)  # never client data
+    grads = public_gradient(fed.public, engine.params, list(engine.state["r"]), 64, 16)
+    for name, g in grads.items():
+        b, r0, a = (engine.state[f][name].double() for f in ("b", "r", "a"))
+        delta = -0.01 * torch.sign(g).double()
+        s = torch.linalg.svdvals(delta)
+        residual = float(torch.linalg.matrix_norm(delta - b @ r0 @ a) ** 2)
+        assert residual == pytest.approx(float((s[4:] ** 2).sum()), rel=1e-4)
+        torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.diag(r0), s[:4], atol=1e-6, rtol=1e-5)
+    rnd = Round(version=0, time=0.0, num_clients=10, slots=10)
+    tasks = fed.configure(engine.state, engine.params, rnd)
+    digests = {
+        hashlib.sha256(
+            b"".join(
+                t.params[k].numpy().tobytes()
+                for k in sorted(t.params)
+                if k.startswith((B_KEY, A_KEY))
+            )
+        ).hexdigest()
+        for t in tasks.values()
+    }
+    assert len(tasks) == 10 and len(digests) == 1
+    # The run starts at W0 + trunc_r(dW), not at W0.
+    assert not torch.equal(
+        fed.model_params(engine.state, engine.params)["0.weight"], engine.params["0.weight"]
+    )
+
+
+def test_gradient_init_only_r_and_head_train() -> None:
+    """(c) The payload (what was trained) is one r x r core per adapted layer plus the head."""
+    opts = {"rank": 4, "initialization": "gradient", "head": "2"}
+    config = _shift(clients=4, strategy_options=opts)
+    engine = build_engine(config)
+    rnd = Round(version=0, time=0.0, num_clients=4, slots=4)
+    task = engine.strategy.configure(engine.state, engine.params, rnd)[0]
+    update, _ = build_runtime(config).run(0, task, None)
+    assert set(update.payload) == {R_KEY + "0.weight", "2.weight", "2.bias"}
+    assert update.payload[R_KEY + "0.weight"].numel() == 4**2
+
+
+def test_gradient_init_refuses_a_workload_without_public_data() -> None:
+    with pytest.raises(ValueError, match="public sample"):
+        build_engine(_digits(strategy_options={"initialization": "gradient"}))
+    with pytest.raises(ValueError, match="public sample"):
+        FedSB(initialization="gradient").init(PARAMS)
+
+
+def test_fine_tuning_the_pretrained_backbone_recovers_the_shifted_task() -> None:
+    config = _shift(rounds=4, strategy_options={"rank": 8, "initialization": "gradient"})
+    workload = build_workload(config)
+    engine = build_engine(config, workload=workload)
+    engine.run(4)
+    # Measured 0.109 -> 0.694 after 4 versions (0.877 after 20).
+    assert Evaluator(workload).evaluate(engine.params)["accuracy"] > 0.6
