@@ -16,7 +16,7 @@ import functools
 import importlib
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -318,11 +318,18 @@ PRETRAIN_CONFIG = {"lr": 0.1, "local_epochs": 30.0, "batch_size": 32, "momentum"
 _PRETRAINED: dict[tuple[int, str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
 
 
-def pretrain(model: nn.Module, data: ClientData, seed: int) -> dict[str, torch.Tensor]:
+def pretrain(
+    model: nn.Module,
+    data: ClientData,
+    seed: int,
+    config: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Train ``model`` centrally on ``data`` with the one local training loop; its state.
 
-    Deterministic for a seed: the batches come from the ``(seed, pretrain)`` stream and the
-    loop runs single-threaded (thread count changes float sums), the caller's setting restored.
+    ``config`` holds the loop's settings (``lr``, ``local_epochs``, ``batch_size``,
+    ``momentum``...; default ``PRETRAIN_CONFIG``). Deterministic for a seed: the batches come
+    from the ``(seed, pretrain)`` stream and the loop runs single-threaded (thread count changes
+    float sums), the caller's setting restored.
     """
     # Imported here: fedlab.client and the client halves import this module.
     from fedlab.client import ClientContext
@@ -334,9 +341,8 @@ def pretrain(model: nn.Module, data: ClientData, seed: int) -> dict[str, torch.T
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         ctx = ClientContext(client_id=0, seed=seeding.derive(seed, _P_PRETRAIN))
-        LocalSGD().train(
-            data, Task(version=0, params={}, config=PRETRAIN_CONFIG), ctx, params, model
-        )
+        task = Task(version=0, params={}, config=dict(config or PRETRAIN_CONFIG))
+        LocalSGD().train(data, task, ctx, params, model)
     finally:
         torch.set_num_threads(threads)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
