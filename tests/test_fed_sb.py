@@ -16,7 +16,7 @@ from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
 from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
-from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted
+from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, adapter_forward, effective
 from fedlab.sim import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
 from fedlab.strategies.fed_sb import public_gradient
@@ -309,3 +309,18 @@ def test_fine_tuning_the_pretrained_backbone_recovers_the_shifted_task() -> None
     engine.run(4)
     # Measured 0.109 -> 0.694 after 4 versions (0.877 after 20).
     assert Evaluator(workload).evaluate(engine.params)["accuracy"] > 0.6
+
+
+def test_adapter_forward_is_w0_x_plus_b_r_a_x() -> None:
+    """(d) The client's forward uses ``W0 x + B (R (A x))`` (+ bias) on adapted layers."""
+    layer = torch.nn.Linear(9, 12)
+    g = _gen(7)
+    b, r, a = (
+        torch.randn(12, 3, generator=g),
+        torch.randn(3, 3, generator=g),
+        torch.randn(3, 9, generator=g),
+    )
+    x = torch.randn(5, 9, generator=g)
+    forward = adapter_forward(layer, lambda: {"weight": effective(layer.weight, b, a, r)})
+    expected = x @ layer.weight.T + ((x @ a.T) @ r.T) @ b.T + layer.bias
+    torch.testing.assert_close(forward(x), expected)
