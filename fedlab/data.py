@@ -338,11 +338,10 @@ def pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
         ctx = ClientContext(client_id=0, seed=seeding.derive(seed, _P_PRETRAIN))
-        task = Task(version=0, params={}, config=dict(config or PRETRAIN_CONFIG))
-        LocalSGD().train(data, task, ctx, params, model)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        task = Task(version=0, params=start, config=dict(config or PRETRAIN_CONFIG))
+        LocalSGD().fit(model, data, task, None, ctx)  # trains ``model`` in place
     finally:
         torch.set_num_threads(threads)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

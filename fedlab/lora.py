@@ -19,7 +19,7 @@ Payloads carry the trained factors under the same keys and the head entries unde
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -248,29 +248,15 @@ class LoRAStrategy(Strategy):
         return new_params, new_state, metrics
 
 
-def adapter_forward(
-    model: nn.Module, overrides: Callable[[], dict[str, torch.Tensor]]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> model(x)`` with the entries ``overrides()`` returns swapped in, the module untouched.
-
-    For the small models here materialising ``B R A`` costs less than three thin matmuls per
-    layer, and no module needs wrapping.
-    """
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = functional_call(model, overrides(), (x,))
-        return out
-
-    return forward
-
-
 @dataclass(frozen=True, kw_only=True)
 class AdapterClient(LocalSGD):
     """The client half shared by adapter strategies: trains the factors named in ``trained``
     (and the head entries) by the one local training loop, uploads them.
 
     ``W0`` and the frozen factors come in the task params and are never trained, nor is any
-    other model entry. Settings in ``task.config`` win over the fields, as in :class:`LocalSGD`.
+    other model entry. Settings in ``task.config`` win over the fields, as in :class:`LocalSGD`;
+    with ``dp`` the loop is DP-SGD on exactly the trained tensors (Fed-SB's private variant:
+    ``R`` and the head), and the client's accountant lives in its state.
     """
 
     trained: ClassVar[tuple[str, ...]]
@@ -309,26 +295,28 @@ class AdapterClient(LocalSGD):
         }
         scale = float(task.config.get(SCALE, 1.0))
         w0 = {n: task.params[n].detach().to(dev) for n in names}
+        # The trained tensors in one order: factors layer by layer, then the head entries.
+        slots = [(f, n) for f in self.trained for n in names] + [("head", k) for k in heads]
+        trainable = [factors[f][n] if f != "head" else heads[n] for f, n in slots]
 
-        def overrides() -> dict[str, torch.Tensor]:
-            out = {
-                n: effective(
-                    w0[n],
-                    factors["b"][n],
-                    factors["a"][n],
-                    factors["r"][n] if "r" in factors else None,
-                    scale,
-                )
-                for n in names
-            }
-            out.update(heads)
+        def forward(tensors: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            # Computes with ``tensors`` in place of ``trainable`` (DP-SGD differentiates this
+            # per record); materialising ``B R A`` costs less than three thin matmuls here.
+            now = {f: dict(d) for f, d in factors.items()}
+            overrides: dict[str, torch.Tensor] = {}
+            for (f, n), t in zip(slots, tensors, strict=True):
+                if f == "head":
+                    overrides[n] = t
+                else:
+                    now[f][n] = t
+            for n in names:
+                r = now["r"][n] if "r" in now else None
+                overrides[n] = effective(w0[n], now["b"][n], now["a"][n], r, scale)
+            out: torch.Tensor = functional_call(model, overrides, (x,))
             return out
 
-        trainable = [t for f in self.trained for t in factors[f].values()] + list(heads.values())
         model.train()
-        metrics = self.train(data, task, ctx, trainable, adapter_forward(model, overrides))
-        payload = {
-            KEYS[f] + n: t.detach().cpu() for f in self.trained for n, t in factors[f].items()
-        }
+        metrics, state = self.train(data, task, ctx, trainable, forward, state)
+        payload = {KEYS[f] + n: factors[f][n].detach().cpu() for f in self.trained for n in names}
         payload.update({k: t.detach().cpu() for k, t in heads.items()})
-        return Fit(payload=payload, num_examples=len(data), metrics=metrics)
+        return Fit(payload=payload, num_examples=len(data), metrics=metrics, state=state)

@@ -48,7 +48,12 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "fed-sb": "fedlab.clients.fed_sb:FedSBClient",
         "fedit": "fedlab.clients.fedit:FedITClient",
     },
-    "transforms": {},
+    "transforms": {
+        "fedzip": "fedlab.clients.fedzip:FedZip",
+        "float16": "fedlab.clients.codecs:Float16",
+        "int8": "fedlab.clients.codecs:Int8",
+        "topk": "fedlab.clients.codecs:TopK",
+    },
 }
 
 _registered: dict[Group, dict[str, Any]] = {g: {} for g in GROUPS}

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from fedlab.types import ClientId, Params, State
 
 
+def payload_bytes(payload: Params) -> int:
+    """Bytes of the tensors in ``payload`` as they travel (names and framing not counted)."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
 @dataclass(frozen=True)
 class TransformContext:
     """Whose update is being transformed; transforms derive randomness from it."""

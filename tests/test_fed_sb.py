@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from conftest import assert_resume_bit_identical
 from fedlab import registry
@@ -16,7 +17,7 @@ from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
 from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
-from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, adapter_forward, effective
+from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, effective
 from fedlab.sim import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
 from fedlab.strategies.fed_sb import public_gradient
@@ -312,7 +313,7 @@ def test_fine_tuning_the_pretrained_backbone_recovers_the_shifted_task() -> None
 
 
 def test_adapter_forward_is_w0_x_plus_b_r_a_x() -> None:
-    """(d) The client's forward uses ``W0 x + B (R (A x))`` (+ bias) on adapted layers."""
+    """(d) The adapted layer computes ``W0 x + B (R (A x))`` (+ bias), as the client runs it."""
     layer = torch.nn.Linear(9, 12)
     g = _gen(7)
     b, r, a = (
@@ -321,6 +322,35 @@ def test_adapter_forward_is_w0_x_plus_b_r_a_x() -> None:
         torch.randn(3, 9, generator=g),
     )
     x = torch.randn(5, 9, generator=g)
-    forward = adapter_forward(layer, lambda: {"weight": effective(layer.weight, b, a, r)})
+    out = functional_call(layer, {"weight": effective(layer.weight, b, a, r)}, (x,))
     expected = x @ layer.weight.T + ((x @ a.T) @ r.T) @ b.T + layer.bias
-    torch.testing.assert_close(forward(x), expected)
+    torch.testing.assert_close(out, expected)
+
+
+def test_private_variant_is_dp_sgd_on_r_and_head_with_delta_below_one_over_n() -> None:
+    """--dp sample: DP-SGD on exactly R and the head; delta < 1/n_i (records, not batches);
+    epsilon reported per update and per version; the init reads only public data."""
+    pytest.importorskip("opacus")
+    opts = {"rank": 4, "initialization": "gradient", "head": "2"}
+    config = _shift(clients=4, rounds=1, strategy_options=opts).replace(
+        dp="sample", noise_multiplier=1.0, max_grad_norm=1.0, batch_size=16
+    )
+    workload = build_workload(config)
+    rows: list[dict[str, object]] = []
+
+    class Rows:
+        def on_version(self, engine: object, row: dict[str, object]) -> None:
+            rows.append(row)
+
+    engine = build_engine(config, workload=workload, callbacks=[Rows()])
+    rnd = Round(version=0, time=0.0, num_clients=4, slots=4)
+    task = engine.strategy.configure(engine.state, engine.params, rnd)[0]
+    task = type(task)(task.version, task.params, {**config.task_config, **task.config})
+    update, state = build_runtime(config, workload).run(0, task, None)
+    assert set(update.payload) == {R_KEY + "0.weight", "2.weight", "2.bias"}
+    record = state["client"]["dp"]
+    n = len(workload.client_data(0))
+    assert record["delta"] < 1 / n and record["delta"] == pytest.approx(1 / (10 * n))
+    assert 0 < update.metrics["epsilon"] < float("inf")
+    engine.run(1)
+    assert 0 < float(rows[-1]["client_epsilon_max"]) < float("inf")  # type: ignore[arg-type]

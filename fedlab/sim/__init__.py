@@ -24,9 +24,17 @@ from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Strategy
-from fedlab.transforms import Pipeline
+from fedlab.transforms import Pipeline, UpdateTransform
+from fedlab.transport import Transport
 
-__all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
+__all__ = [
+    "SimTransport",
+    "SpeedModel",
+    "build_engine",
+    "build_pipeline",
+    "build_runtime",
+    "build_workload",
+]
 
 
 def build_workload(config: RunConfig) -> Workload:
@@ -63,10 +71,34 @@ def build_strategy(config: RunConfig) -> Strategy:
 
 def build_algorithm(config: RunConfig, strategy: Strategy) -> ClientAlgorithm:
     """The client half: ``config.client`` or the strategy's paired client."""
-    algorithm = registry.create("clients", config.client or strategy.client, config.client_options)
+    name = config.client or strategy.client
+    algorithm: object = registry.create("clients", name, config.client_options)
     if not isinstance(algorithm, ClientAlgorithm):
-        raise ValueError(f"{config.client or strategy.client!r} is not a fedlab ClientAlgorithm")
+        raise ValueError(f"{name!r} is not a fedlab ClientAlgorithm")
+    if config.dp == "sample":
+        from fedlab.clients.sgd import LocalSGD
+
+        if not isinstance(algorithm, LocalSGD):
+            raise ValueError(
+                f"dp = 'sample' trains with DP-SGD inside LocalSGD.train; client {name!r} does "
+                "not train with it, so its records would not be protected"
+            )
     return algorithm
+
+
+def build_pipeline(config: RunConfig) -> Pipeline:
+    """The update transforms of ``config``, one pipeline for the clients and the server.
+
+    Both halves must be built from the same configuration: what a client encodes, the server
+    decodes in reverse.
+    """
+    transforms: list[UpdateTransform] = []
+    if config.compress:
+        codec = registry.create("transforms", config.compress, config.compress_options)
+        if not isinstance(codec, UpdateTransform):
+            raise ValueError(f"{config.compress!r} is not a fedlab UpdateTransform")
+        transforms.append(codec)
+    return Pipeline(tuple(transforms))
 
 
 def build_runtime(config: RunConfig, workload: Workload | None = None) -> ClientRuntime:
@@ -85,7 +117,7 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     return ClientRuntime(
         workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
-        pipeline=Pipeline(),
+        pipeline=build_pipeline(config),
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
@@ -112,18 +144,8 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
     return InProcessExecutor(build_runtime(config, workload))
 
 
-def build_engine(
-    config: RunConfig,
-    *,
-    run_dir: str | Path | None = None,
-    callbacks: Sequence[Callback] = (),
-    workload: Workload | None = None,
-) -> Engine:
-    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run."""
-    workload = workload or build_workload(config)
-    strategy = build_strategy(config)
-    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
-    adversary = build_attack(config)  # and on a bad attack
+def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
+    """The virtual-clock transport in front of ``config``'s backend."""
     speeds = SpeedModel(
         distribution=config.speed,
         mean=config.speed_mean,
@@ -137,12 +159,34 @@ def build_engine(
         spread=config.latency_spread,
         seed=config.seed,
     )
-    transport = SimTransport(
+    return SimTransport(
         executor=build_executor(config, workload),
         num_clients=config.clients,
         speeds=speeds,
         latency=latency,
     )
+
+
+def build_engine(
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    workload: Workload | None = None,
+    transport: Transport | None = None,
+) -> Engine:
+    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run.
+
+    ``transport`` (default: a simulation over the virtual clock) is where tasks go: the
+    deployed server passes its gRPC transport, and nothing else changes.
+    """
+    workload = workload or build_workload(config)
+    strategy = build_strategy(config)
+    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
+    adversary = build_attack(config)  # and on a bad attack
+    pipeline = build_pipeline(config)  # and on a bad codec or codec option
+    if transport is None:
+        transport = build_transport(config, workload)
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
     participation = build_participation(
         config.participation,
@@ -185,6 +229,9 @@ def build_engine(
         fraction=config.fraction,
         min_clients=config.min_clients,
         concurrency=config.concurrency or None,
+        round_timeout=config.round_timeout or None,
+        min_updates=config.min_updates,
+        over_selection=config.over_selection,
         run_dir=run_dir,
         fingerprint=config.fingerprint(),
         callbacks=callbacks,
@@ -192,6 +239,7 @@ def build_engine(
         participation=participation,
         memory=build_memory(config, run_dir),
         adversary=adversary,
+        pipeline=pipeline,
     )
 
 

@@ -1,0 +1,201 @@
+"""Tensors on the wire: named tensors to and from streams of ``Tensor`` pieces.
+
+A payload travels as a header, then pieces of at most :data:`PIECE_BYTES` bytes of tensor data,
+then the SHA-256 of every data byte in stream order. :class:`Assembler` rebuilds the tensors one
+piece at a time, checking names, dtypes, shapes, offsets, sizes and the checksum against limits
+set before the first byte arrives, so a malformed or oversized stream is refused early and
+never allocates more than it declared. Nothing is unpickled: bytes become tensors through
+``torch.frombuffer`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from fedlab.proto import fedlab_pb2 as pb
+from fedlab.tensorio import DTYPES
+from fedlab.types import Params
+
+PIECE_BYTES = 2 << 20
+"""Tensor bytes per message: well under gRPC's default 4 MiB message limit."""
+
+RAW = "raw"
+MAX_TENSORS = 100_000
+MAX_NAME = 1024
+MAX_DIMS = 32
+
+
+class WireError(ValueError):
+    """A stream is malformed, oversized, or does not match its header or checksum."""
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+
+
+def payload_bytes(params: Params) -> int:
+    """Total tensor bytes of ``params`` on the wire."""
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+def pieces(params: Params, *, piece_bytes: int = PIECE_BYTES) -> Iterator[list[pb.Tensor]]:
+    """Split ``params`` into lists of pieces, each list holding at most ``piece_bytes`` bytes.
+
+    Small tensors share a message; a large one spans several. Empty tensors travel as one
+    piece with no data. Only the bytes of one message are copied at a time.
+    """
+    batch: list[pb.Tensor] = []
+    room = piece_bytes
+    for name, tensor in params.items():
+        if tensor.dtype not in DTYPES.values():
+            raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, which cannot travel")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        shape = list(tensor.shape)
+        raw = _raw(tensor)
+        offset = 0
+        while True:
+            n = min(room, len(raw) - offset)
+            batch.append(
+                pb.Tensor(
+                    name=name,
+                    dtype=dtype,
+                    shape=shape,
+                    codec=RAW,
+                    data=bytes(raw[offset : offset + n]),
+                    offset=offset,
+                )
+            )
+            offset += n
+            room -= n
+            if room <= 0:
+                yield batch
+                batch, room = [], piece_bytes
+            if offset >= len(raw):
+                break
+    if batch:
+        yield batch
+
+
+def digest(chunks: Iterator[list[pb.Tensor]]) -> Iterator[tuple[list[pb.Tensor], bytes]]:
+    """Pass ``chunks`` through, pairing the last one with the SHA-256 of all their data.
+
+    Every chunk but the last is paired with ``b""``; an empty stream yields one empty chunk.
+    """
+    h = hashlib.sha256()
+    previous: list[pb.Tensor] | None = None
+    for chunk in chunks:
+        if previous is not None:
+            yield previous, b""
+        for t in chunk:
+            h.update(t.data)
+        previous = chunk
+    yield previous or [], h.digest()
+
+
+class Assembler:
+    """Rebuilds named tensors from pieces, within limits fixed by a header.
+
+    Args:
+        total_bytes: tensor bytes the header announced.
+        tensors: number of tensors the header announced.
+        max_bytes: the most tensor bytes this stream may carry.
+
+    Raises:
+        WireError: from the constructor or :meth:`add` / :meth:`finish` on any violation.
+    """
+
+    def __init__(self, *, total_bytes: int, tensors: int, max_bytes: int) -> None:
+        if total_bytes > max_bytes:
+            raise WireError(f"payload of {total_bytes} bytes exceeds the limit of {max_bytes}")
+        if tensors > MAX_TENSORS:
+            raise WireError(f"payload of {tensors} tensors exceeds the limit of {MAX_TENSORS}")
+        self.total_bytes = total_bytes
+        self.tensors = tensors
+        self.out: dict[str, torch.Tensor] = {}
+        self._current: str | None = None
+        self._buf = bytearray()
+        self._meta: tuple[str, tuple[int, ...], int] = ("", (), 0)
+        self._received = 0
+        self._declared = 0
+        self._hash = hashlib.sha256()
+
+    def add(self, piece: pb.Tensor) -> None:
+        """Take the next piece, in stream order."""
+        name = piece.name
+        if piece.codec != RAW:
+            raise WireError(f"tensor {name[:64]!r}: unsupported codec {piece.codec[:32]!r}")
+        if name != self._current:
+            self._close()
+            self._open(piece)
+        dtype, shape, nbytes = self._meta
+        if piece.dtype != dtype or tuple(piece.shape) != shape:
+            raise WireError(f"tensor {name[:64]!r}: dtype or shape changed between pieces")
+        if piece.offset != len(self._buf):
+            raise WireError(
+                f"tensor {name[:64]!r}: piece at offset {piece.offset}, expected {len(self._buf)}"
+            )
+        if len(self._buf) + len(piece.data) > nbytes:
+            raise WireError(f"tensor {name[:64]!r}: more bytes than its shape holds")
+        self._buf += piece.data
+        self._received += len(piece.data)
+        self._hash.update(piece.data)
+
+    def _open(self, piece: pb.Tensor) -> None:
+        name = piece.name
+        if not name or len(name) > MAX_NAME:
+            raise WireError("a tensor has an empty or overlong name")
+        if name in self.out:
+            raise WireError(f"tensor {name[:64]!r} appears twice")
+        if len(self.out) >= self.tensors:
+            raise WireError(f"more tensors than the {self.tensors} announced")
+        dtype = DTYPES.get(piece.dtype)
+        if dtype is None:
+            raise WireError(f"tensor {name[:64]!r}: unknown dtype {piece.dtype[:32]!r}")
+        shape = tuple(int(s) for s in piece.shape)
+        if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+            raise WireError(f"tensor {name[:64]!r}: invalid shape")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # Python ints do not overflow: a huge shape is caught here, before any allocation.
+        nbytes = math.prod(shape) * itemsize
+        if self._declared + nbytes > self.total_bytes:
+            raise WireError(f"tensor {name[:64]!r}: shape exceeds the announced payload size")
+        self._declared += nbytes
+        self._current = name
+        self._meta = (piece.dtype, shape, nbytes)
+        self._buf = bytearray()
+
+    def _close(self) -> None:
+        if self._current is None:
+            return
+        dtype, shape, nbytes = self._meta
+        if len(self._buf) != nbytes:
+            raise WireError(
+                f"tensor {self._current[:64]!r}: {len(self._buf)} bytes for a shape of {nbytes}"
+            )
+        torch_dtype = DTYPES[dtype]
+        if nbytes == 0:
+            tensor = torch.empty(shape, dtype=torch_dtype)
+        else:
+            tensor = torch.frombuffer(self._buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
+        self.out[self._current] = tensor
+        self._current = None
+        self._buf = bytearray()
+
+    def finish(self, sha256: bytes) -> dict[str, torch.Tensor]:
+        """Check the announced totals and the checksum; return the tensors."""
+        self._close()
+        if len(self.out) != self.tensors or self._received != self.total_bytes:
+            raise WireError(
+                f"stream ended after {len(self.out)} tensors and {self._received} bytes, "
+                f"announced {self.tensors} and {self.total_bytes}"
+            )
+        if self._hash.digest() != sha256:
+            raise WireError("checksum mismatch: the payload was corrupted in transit")
+        return self.out

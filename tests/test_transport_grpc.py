@@ -1,0 +1,437 @@
+"""The gRPC transport in one process: wire format, admission, refusals, failures, fuzzing."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import small_config
+from fedlab.cli.client import runtime_builder
+from fedlab.proto import fedlab_pb2 as pb
+from fedlab.sim import build_engine
+from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
+from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.security import (
+    Policy,
+    client_credentials,
+    make_certs,
+    server_credentials,
+)
+from fedlab.transport.server import GrpcTransport
+from fedlab.types import Task, Update
+
+PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+
+
+def _roundtrip(params: dict[str, torch.Tensor], piece_bytes: int) -> dict[str, torch.Tensor]:
+    asm = Assembler(total_bytes=payload_bytes(params), tensors=len(params), max_bytes=1 << 30)
+    checksum = b""
+    for tensors, sha in digest(pieces(params, piece_bytes=piece_bytes)):
+        for t in tensors:
+            asm.add(t)
+        checksum = sha or checksum
+    return asm.finish(checksum)
+
+
+def test_tensors_survive_the_wire_in_pieces() -> None:
+    params = {
+        "big": torch.randn(1000, 37, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "ints": torch.arange(-5, 5, dtype=torch.int64),
+        "flags": torch.tensor([True, False]),
+        "half": torch.randn(3, dtype=torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+    }
+    for piece_bytes in (7, 4096, 1 << 22):
+        out = _roundtrip(params, piece_bytes)
+        assert list(out) == list(params)
+        for k, v in params.items():
+            assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+
+
+def test_assembler_refuses_lies_before_allocating() -> None:
+    with pytest.raises(WireError, match="exceeds the limit"):
+        Assembler(total_bytes=10**12, tensors=1, max_bytes=1 << 20)
+    asm = Assembler(total_bytes=16, tensors=1, max_bytes=1 << 20)
+    huge = pb.Tensor(name="x", dtype="float32", shape=[10**9, 10**9], codec="raw", data=b"")
+    with pytest.raises(WireError, match="exceeds the announced"):
+        asm.add(huge)
+    asm = Assembler(total_bytes=8, tensors=1, max_bytes=1 << 20)
+    with pytest.raises(WireError, match="offset"):
+        asm.add(
+            pb.Tensor(name="x", dtype="float32", shape=[2], codec="raw", data=b"1234", offset=4)
+        )
+    asm = Assembler(total_bytes=8, tensors=1, max_bytes=1 << 20)
+    asm.add(pb.Tensor(name="x", dtype="float32", shape=[2], codec="raw", data=b"12345678"))
+    with pytest.raises(WireError, match="checksum"):
+        asm.finish(hashlib.sha256(b"other").digest())
+
+
+# ---------------------------------------------------------------- a live server on loopback
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"), clients=4)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("other"), clients=4)
+
+
+def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
+    kw.setdefault("linger", 0.0)
+    return GrpcTransport(
+        num_clients=policy.num_clients,
+        address="127.0.0.1:0",
+        policy=policy,
+        credentials=credentials,
+        log=None,
+        **kw,
+    )
+
+
+def connect(t: GrpcTransport, cid: int, **kw: Any) -> Connection:
+    return Connection(f"127.0.0.1:{t.port}", cid, **kw)
+
+
+def refused(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code: grpc.StatusCode = info.value.code()  # type: ignore[attr-defined]
+    return code
+
+
+TOKENS = {0: "secret-zero", 1: "secret-one", 3: "secret-three"}
+
+
+def _matrix(
+    mode: str, certs: Path, other_ca: Path
+) -> tuple[Policy, Any, dict[str, Any], list[tuple[str, int, dict[str, Any]]]]:
+    """(policy, server credentials, authorized client 0's kwargs, unauthorized attempts)."""
+    if mode == "mtls":
+        policy = Policy(num_clients=4, mutual=True, revoked=frozenset({3}))
+        good = {"credentials": client_credentials(certs, 0)}
+        bad = [
+            ("no client certificate", 0, {"credentials": client_credentials(certs, None)}),
+            ("another client's certificate", 0, {"credentials": client_credentials(certs, 1)}),
+            ("certificate from another CA", 0, {"credentials": client_credentials(other_ca, 0)}),
+            ("revoked client", 3, {"credentials": client_credentials(certs, 3)}),
+            ("unknown client", 9, {"credentials": client_credentials(certs, 1)}),
+        ]
+        return policy, server_credentials(certs, mutual=True), good, bad
+    tls = mode == "tls"
+    policy = Policy(num_clients=4, tokens=TOKENS, revoked=frozenset({3}))
+    creds = client_credentials(certs, None) if tls else None
+    good = {"credentials": creds, "token": TOKENS[0]}
+    bad = [
+        ("no token", 0, {"credentials": creds}),
+        ("wrong token", 0, {"credentials": creds, "token": "guess"}),
+        ("another client's token", 0, {"credentials": creds, "token": TOKENS[1]}),
+        ("client without a token", 2, {"credentials": creds, "token": TOKENS[0]}),
+        ("revoked client", 3, {"credentials": creds, "token": TOKENS[3]}),
+        ("unknown client", 9, {"credentials": creds, "token": TOKENS[0]}),
+    ]
+    return policy, server_credentials(certs, mutual=False) if tls else None, good, bad
+
+
+@pytest.mark.parametrize("mode", ["mtls", "tls", "insecure"])
+def test_security_matrix(mode: str, certs: Path, other_ca: Path) -> None:
+    policy, server_creds, good, bad = _matrix(mode, certs, other_ca)
+    t = serve(policy, server_creds)
+    try:
+        t.submit(0, Task(0, PARAMS, {"lr": 0.1}))
+        for what, cid, kw in bad:
+            conn = connect(t, cid, **kw)
+            for call in (
+                lambda c=conn: c.join(timeout=5),
+                lambda c=conn: c.pull(0.0),
+                lambda c=conn: c.heartbeat(timeout=5),
+                lambda c=conn, i=cid: c.push(Update(i, 0, PARAMS, 1), "x" * 32, timeout=5),
+            ):
+                code = refused(call)
+                assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE), (
+                    what,
+                    code,
+                )
+            conn.close()
+        assert not t.joined and not t._events, "an unauthorized call changed the run"
+        conn = connect(t, 0, **good)
+        assert conn.join().heartbeat == t.heartbeat
+        got = conn.pull(1.0)
+        assert isinstance(got, Assigned) and got.task.version == 0
+        assert torch.equal(got.task.params["w"], PARAMS["w"]) and got.task.config == {"lr": 0.1}
+        conn.push(Update(0, 0, PARAMS, 5, {"loss": 1.0}), got.task_id)
+        event = t.next_update(5.0)
+        assert isinstance(event, Update) and event.num_examples == 5
+        conn.close()
+    finally:
+        t.close()
+
+
+def _push_raw(conn: Connection, chunks: list[pb.UpdateChunk]) -> None:
+    conn.stub.PushUpdate(iter(chunks), timeout=10, metadata=conn.metadata)
+
+
+def test_refused_updates_leave_the_run_untouched() -> None:
+    t = serve(Policy(num_clients=3))
+    try:
+        t.submit(0, Task(4, PARAMS))
+        conn = connect(t, 0)
+        got = conn.pull(1.0)
+        assert isinstance(got, Assigned)
+        update = Update(0, 4, {k: torch.zeros_like(v) for k, v in PARAMS.items()}, 3)
+        header = pb.UpdateHeader(
+            client_id=0,
+            version=4,
+            task_id=got.task_id,
+            num_examples=3,
+            total_bytes=payload_bytes(update.payload),
+            tensors=2,
+        )
+        body = [
+            pb.UpdateChunk(tensors=ts, sha256=sha) for ts, sha in digest(pieces(update.payload))
+        ]
+        bad_dtype = [
+            pb.UpdateChunk(header=header),
+            pb.UpdateChunk(
+                tensors=[pb.Tensor(name="w", dtype="object", shape=[6], codec="raw", data=b"")],
+                sha256=b"x",
+            ),
+        ]
+        cases: dict[str, Callable[[], object]] = {
+            "unassigned version": lambda: conn.push(Update(0, 3, update.payload, 3), got.task_id),
+            "future version": lambda: conn.push(Update(0, 99, update.payload, 3), got.task_id),
+            "wrong task id": lambda: conn.push(update, "0" * 32),
+            "client holding no task": lambda: connect(t, 1).push(
+                Update(1, 4, update.payload, 3), got.task_id
+            ),
+            "no header": lambda: _push_raw(conn, body),
+            "empty stream": lambda: _push_raw(conn, []),
+            "bad checksum": lambda: _push_raw(
+                conn,
+                [
+                    pb.UpdateChunk(header=header),
+                    *body[:-1],
+                    pb.UpdateChunk(tensors=body[-1].tensors, sha256=b"\0" * 32),
+                ],
+            ),
+            "no checksum": lambda: _push_raw(
+                conn, [pb.UpdateChunk(header=header), pb.UpdateChunk(tensors=body[-1].tensors)]
+            ),
+            "unknown dtype": lambda: _push_raw(conn, bad_dtype),
+            "oversized": lambda: _push_raw(
+                conn,
+                [
+                    pb.UpdateChunk(
+                        header=pb.UpdateHeader(
+                            client_id=0,
+                            version=4,
+                            task_id=got.task_id,
+                            total_bytes=1 << 40,
+                            tensors=1,
+                        )
+                    )
+                ],
+            ),
+            "non-finite metrics": lambda: conn.push(
+                Update(0, 4, update.payload, 3, {"loss": float("nan")}), got.task_id
+            ),
+            "second header": lambda: _push_raw(
+                conn, [pb.UpdateChunk(header=header), pb.UpdateChunk(header=header), *body]
+            ),
+        }
+        for what, call in cases.items():
+            code = refused(call)
+            assert code in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ), (what, code)
+            assert t.next_update(0.0) is None, what
+            assert 0 in t._tasks, what
+        assert len(t.refused) == len(cases)
+        conn.push(update, got.task_id)
+        assert isinstance(t.next_update(5.0), Update)
+        assert refused(lambda: conn.push(update, got.task_id)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        ), "a replayed update was accepted"
+        assert t.next_update(0.0) is None
+    finally:
+        t.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+def test_fuzzed_uploads_are_refused_without_effect(data: list[bytes]) -> None:
+    t = _FUZZ_SERVER
+    if 0 not in t._tasks:
+        t.submit(0, Task(0, PARAMS))
+    before = (dict(t._tasks), len(t._events))
+    call = _FUZZ_CHANNEL.stream_unary(
+        "/fedlab.v1.Federation/PushUpdate",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        call(iter(data), timeout=10)
+    assert info.value.code() in (  # type: ignore[attr-defined]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,  # bytes that are not a protobuf message at all
+    )
+    assert (dict(t._tasks), len(t._events)) == before
+
+
+@given(data=st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_chunks_raise_only_wire_errors(data: bytes) -> None:
+    try:
+        chunk = pb.UpdateChunk.FromString(data)
+    except Exception:  # protobuf's DecodeError: the bytes are not a message
+        return
+    asm = (
+        Assembler(
+            total_bytes=chunk.header.total_bytes, tensors=chunk.header.tensors, max_bytes=1 << 20
+        )
+        if chunk.header.total_bytes <= 1 << 20
+        else None
+    )
+    if asm is None:
+        return
+    try:
+        for piece in chunk.tensors:
+            asm.add(piece)
+        asm.finish(chunk.sha256)
+    except WireError:
+        pass
+
+
+_FUZZ_SERVER: GrpcTransport
+_FUZZ_CHANNEL: grpc.Channel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_server() -> Iterator[None]:
+    global _FUZZ_SERVER, _FUZZ_CHANNEL
+    _FUZZ_SERVER = serve(Policy(num_clients=2))
+    _FUZZ_CHANNEL = grpc.insecure_channel(f"127.0.0.1:{_FUZZ_SERVER.port}")
+    yield
+    _FUZZ_CHANNEL.close()
+    _FUZZ_SERVER.close()
+
+
+# ---------------------------------------------------------------- the engine over gRPC
+
+
+def _clients(t: GrpcTransport, ids: range, **kw: Any) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(
+            target=run_client,
+            args=(connect(t, i), runtime_builder({"device": "cpu"})),
+            kwargs={"log": None, "poll": 1.0, "backoff": Backoff(0.05, 0.5, seed=i), **kw},
+            daemon=True,
+        )
+        for i in ids
+    ]
+    for th in threads:
+        th.start()
+    return threads
+
+
+def _engine(config: Any, **kw: Any) -> tuple[Any, GrpcTransport]:
+    kw.setdefault("linger", 5.0)
+    t = serve(
+        Policy(num_clients=config.clients),
+        run=config.fingerprint(),
+        config_toml=config.to_toml(),
+        **kw,
+    )
+    return build_engine(config, transport=t), t
+
+
+def test_async_strategy_runs_on_the_wall_clock() -> None:
+    config = small_config(clients=3, fraction=1.0, rounds=4, strategy="fedbuff", buffer=2)
+    engine, t = _engine(config)
+    threads = _clients(t, range(3))
+    engine.run(4)
+    t.close()
+    for th in threads:
+        th.join(10)
+        assert not th.is_alive()
+    assert engine.version == 4 and engine.counters.rejected == 0
+    assert engine.transport.now() > 0
+
+
+def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
+    config = small_config(clients=3, fraction=1.0, rounds=2)
+    engine, t = _engine(config, stall_timeout=1.0, heartbeat=0.2)
+    threads = _clients(t, range(2))
+    dead = connect(t, 2)
+    dead.join()
+
+    def pull_then_die() -> None:
+        while not isinstance(dead.pull(1.0), Assigned):
+            pass  # it takes its task, then never answers nor beats again
+
+    killer = threading.Thread(target=pull_then_die, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    engine.run(2)
+    assert engine.version == 2
+    assert engine.counters.failed >= 1 and engine.counters.received >= 4
+    assert time.monotonic() - start < 15
+    t.close()
+    for th in threads:
+        th.join(10)
+
+
+def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
+    config = small_config(clients=2, fraction=1.0, rounds=1)
+    engine, t = _engine(config, linger=0.0)
+    engine._fill(engine.strategy.trigger)
+    before = {k: v.clone() for k, v in engine.params.items()}
+    for cid, corrupt in ((0, "nan"), (1, "shape")):
+        conn = connect(t, cid)
+        got = conn.pull(1.0)
+        assert isinstance(got, Assigned)
+        payload = {k: torch.zeros_like(v) for k, v in got.task.params.items()}
+        name = next(iter(payload))
+        if corrupt == "nan":
+            payload[name] = torch.full_like(payload[name], float("nan"))
+        else:
+            payload[name] = torch.zeros(1, dtype=payload[name].dtype)
+        conn.push(Update(cid, got.task.version, payload, 1), got.task_id)
+        event = t.next_update(5.0)
+        assert isinstance(event, Update)
+        engine._handle(event)
+    assert engine.counters.rejected == 2 and not engine.buffer
+    for k, v in before.items():
+        assert torch.equal(engine.params[k], v)
+    t.close()
+
+
+def test_finished_run_is_told_to_clients() -> None:
+    t = serve(Policy(num_clients=1), linger=5.0)
+    conn = connect(t, 0)
+    conn.join()
+    assert conn.pull(0.1) is None
+    closer = threading.Thread(target=t.close)
+    closer.start()
+    assert conn.pull(5.0) == FINISHED
+    closer.join()
+    assert t._told == {0}
