@@ -13,8 +13,14 @@ HELP = {
     "rounds": "versions (aggregations) to run",
     "strategy": "aggregation strategy name (see `fedlab strategies`) or pkg.mod:Class",
     "client": "client half name or pkg.mod:Class (default: the strategy's own)",
-    "workload": "built-in workload: synthetic or digits (or 'custom' with --data)",
-    "model": "model: default, logreg/mlp (synthetic), cnn/mlp (digits), or pkg.mod:Net",
+    "workload": (
+        "built-in workload: synthetic, digits or digits-shift (pretrained, then fine-tuned on "
+        "turned digits) (or 'custom' with --data)"
+    ),
+    "model": (
+        "model: default, logreg/mlp (synthetic), cnn/mlp (digits; mlp is digits-shift's "
+        "default), or pkg.mod:Net"
+    ),
     "data": "pkg.mod:load_client, the user's per-client data function",
     "partition": "natural, iid, dirichlet, shards or lognormal (empty: the workload's default)",
     "label_swap": "digits: share of labels swapped (0<->1 on even clients, 8<->9 on odd)",

@@ -18,7 +18,7 @@ from fedlab import registry
 from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
-from fedlab.data import Workload, make_workload
+from fedlab.data import PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
@@ -255,6 +255,19 @@ def build_engine(
             )
         strategy = dataclasses.replace(  # type: ignore[call-arg]
             strategy, probabilities=tuple(float(p) for p in probabilities)
+        )
+    if getattr(strategy, "needs_public_data", False):
+        # The one place server-side data reaches a strategy (Fed-SB's gradient init): the
+        # workload's public sample, disjoint from every client's data, never client data.
+        public = getattr(workload, "public_data", None)
+        if not callable(public):
+            raise ValueError(
+                f"strategy {config.strategy!r} needs a public sample (gradient "
+                f"initialization), and workload {config.workload!r} has none; use a workload "
+                "with one (digits-shift) or initialization='weights'"
+            )
+        strategy = dataclasses.replace(  # type: ignore[call-arg]
+            strategy, public=PublicSample(model=workload.make_model(), data=public())
         )
     if config.dp == "client":
         strategy = client_dp(config, strategy)
