@@ -435,3 +435,29 @@ def test_finished_run_is_told_to_clients() -> None:
     assert conn.pull(5.0) == FINISHED
     closer.join()
     assert t._told == {0}
+
+
+def test_uploads_beyond_the_limit_wait_their_turn() -> None:
+    t = serve(Policy(num_clients=3), max_uploads=1)
+    try:
+        conns, tasks = [], []
+        for cid in range(3):
+            t.submit(cid, Task(0, PARAMS))
+            conns.append(connect(t, cid))
+            got = conns[-1].pull(1.0)
+            assert isinstance(got, Assigned)
+            tasks.append(got.task_id)
+        # A refused upload must give its turn back.
+        assert refused(lambda: _push_raw(conns[0], [])) == grpc.StatusCode.INVALID_ARGUMENT
+        threads = [
+            threading.Thread(target=c.push, args=(Update(i, 0, PARAMS, 1), tasks[i]))
+            for i, c in enumerate(conns)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        got_ids = sorted(e.client_id for e in iter(lambda: t.next_update(1.0), None))
+        assert got_ids == [0, 1, 2]
+    finally:
+        t.close()

@@ -121,6 +121,7 @@ class Assembler:
         self.out: dict[str, torch.Tensor] = {}
         self._current: str | None = None
         self._buf = bytearray()
+        self._filled = 0
         self._meta: tuple[str, tuple[int, ...], int] = ("", (), 0)
         self._received = 0
         self._declared = 0
@@ -137,15 +138,18 @@ class Assembler:
         dtype, shape, nbytes = self._meta
         if piece.dtype != dtype or tuple(piece.shape) != shape:
             raise WireError(f"tensor {name[:64]!r}: dtype or shape changed between pieces")
-        if piece.offset != len(self._buf):
+        if piece.offset != self._filled:
             raise WireError(
-                f"tensor {name[:64]!r}: piece at offset {piece.offset}, expected {len(self._buf)}"
+                f"tensor {name[:64]!r}: piece at offset {piece.offset}, expected {self._filled}"
             )
-        if len(self._buf) + len(piece.data) > nbytes:
+        data = piece.data
+        end = self._filled + len(data)
+        if end > nbytes:
             raise WireError(f"tensor {name[:64]!r}: more bytes than its shape holds")
-        self._buf += piece.data
-        self._received += len(piece.data)
-        self._hash.update(piece.data)
+        self._buf[self._filled : end] = data
+        self._filled = end
+        self._received += len(data)
+        self._hash.update(data)
 
     def _open(self, piece: pb.Tensor) -> None:
         name = piece.name
@@ -169,15 +173,17 @@ class Assembler:
         self._declared += nbytes
         self._current = name
         self._meta = (piece.dtype, shape, nbytes)
-        self._buf = bytearray()
+        # Allocated once at its announced size, which the limits above have bounded.
+        self._buf = bytearray(nbytes)
+        self._filled = 0
 
     def _close(self) -> None:
         if self._current is None:
             return
         dtype, shape, nbytes = self._meta
-        if len(self._buf) != nbytes:
+        if self._filled != nbytes:
             raise WireError(
-                f"tensor {self._current[:64]!r}: {len(self._buf)} bytes for a shape of {nbytes}"
+                f"tensor {self._current[:64]!r}: {self._filled} bytes for a shape of {nbytes}"
             )
         torch_dtype = DTYPES[dtype]
         if nbytes == 0:
