@@ -461,3 +461,43 @@ def test_uploads_beyond_the_limit_wait_their_turn() -> None:
         assert got_ids == [0, 1, 2]
     finally:
         t.close()
+
+
+def _anonymous_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status RssAnon on this system")
+
+
+def test_spooled_updates_do_not_grow_server_memory(tmp_path: Path) -> None:
+    n, size = 6, 16 << 20
+    t = serve(
+        Policy(num_clients=n),
+        spool=tmp_path / "spool",
+        spool_bytes=1 << 20,
+        max_update_bytes=1 << 30,
+    )
+    try:
+        payload = {"w": torch.randn(size // 4), "b": torch.arange(3.0)}
+        base = _anonymous_rss()
+        held = []
+        for cid in range(n):
+            t.submit(cid, Task(0, {"b": torch.zeros(3)}))
+            conn = connect(t, cid)
+            got = conn.pull(1.0)
+            assert isinstance(got, Assigned)
+            conn.push(Update(cid, 0, payload, 1), got.task_id)
+            event = t.next_update(5.0)
+            assert isinstance(event, Update)
+            held.append(event)  # held, as the engine holds a synchronous version's updates
+            conn.close()
+        grown = _anonymous_rss() - base
+        for u in held:
+            assert torch.equal(u.payload["w"], payload["w"]) and torch.equal(
+                u.payload["b"], payload["b"]
+            )
+        assert grown < n * size / 2, f"anonymous memory grew by {grown / 2**20:.0f} MiB"
+        assert not list((tmp_path / "spool").iterdir()), "spool files must be unlinked"
+    finally:
+        t.close()

@@ -94,6 +94,14 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
         "(default: 16)",
     )
     p.add_argument(
+        "--spool-mb",
+        type=float,
+        default=16.0,
+        metavar="MB",
+        help="updates larger than this are received into memory-mapped files under "
+        "RUN_DIR/spool, so held updates do not fill the server's memory (0: always in RAM)",
+    )
+    p.add_argument(
         "--linger",
         type=float,
         default=10.0,
@@ -153,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         max_update_bytes=int(args.max_update_mb * 2**20),
         linger=args.linger,
         max_uploads=args.max_uploads,
+        spool=Path(config.out) / "spool" if args.spool_mb > 0 else None,
+        spool_bytes=int(args.spool_mb * 2**20),
     )
     mode = "mutual TLS" if mutual else "TLS" if args.certs else "plaintext (insecure)"
     print(

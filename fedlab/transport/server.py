@@ -15,6 +15,7 @@ import collections
 import hmac
 import json
 import math
+import os
 import secrets
 import sys
 import threading
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -70,6 +72,11 @@ class GrpcTransport:
         max_uploads: updates received at the same time; others wait their turn, so the memory
             of uploads in progress is bounded by ``max_uploads`` updates whatever the number
             of clients.
+        spool: a directory where updates larger than ``spool_bytes`` are received into
+            memory-mapped files (see :class:`~fedlab.transport.codec.Assembler`), so the
+            updates a synchronous version holds until it aggregates live in the page cache,
+            not in the server's memory (``None``: always in RAM).
+        spool_bytes: the update size above which ``spool`` is used.
         log: where refusals are reported (``None``: nowhere).
     """
 
@@ -87,6 +94,8 @@ class GrpcTransport:
         max_update_bytes: int = 0,
         linger: float = 5.0,
         max_uploads: int = 16,
+        spool: str | os.PathLike[str] | None = None,
+        spool_bytes: int = 16 << 20,
         log: Any = sys.stderr,
     ) -> None:
         self.num_clients = num_clients
@@ -100,6 +109,12 @@ class GrpcTransport:
         if max_uploads < 1:
             raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
         self._uploads = threading.BoundedSemaphore(max_uploads)
+        self.spool = Path(spool) if spool is not None else None
+        self.spool_bytes = spool_bytes
+        if self.spool is not None:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            for leftover in self.spool.glob("*.part"):  # a crash between create and unlink
+                leftover.unlink(missing_ok=True)
         self._closed = False
         self.log = log
         self.refused: collections.deque[str] = collections.deque(maxlen=1000)
@@ -355,7 +370,10 @@ class GrpcTransport:
             metrics = {str(k): float(v) for k, v in h.metrics.items()}
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise WireError("metrics must be finite")
-            asm = Assembler(total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit)
+            spool = self.spool if h.total_bytes > self.spool_bytes else None
+            asm = Assembler(
+                total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit, spool=spool
+            )
             checksum = None
             chunk: pb.UpdateChunk | None = first
             while chunk is not None:
