@@ -426,15 +426,22 @@ def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
 
 
 def test_finished_run_is_told_to_clients() -> None:
-    t = serve(Policy(num_clients=1), linger=5.0)
-    conn = connect(t, 0)
-    conn.join()
-    assert conn.pull(0.1) is None
+    t = serve(Policy(num_clients=2), linger=10.0)
+    polling, training = connect(t, 0), connect(t, 1)
+    polling.join()
+    training.join()
+    assert polling.pull(0.1) is None
+    assert training.heartbeat() is False
+    start = time.monotonic()
     closer = threading.Thread(target=t.close)
     closer.start()
-    assert conn.pull(5.0) == FINISHED
+    assert polling.pull(5.0) == FINISHED
+    time.sleep(0.2)
+    assert closer.is_alive(), "the server must wait for the client still training"
+    assert training.heartbeat() is True  # it stops after its task and pushes nothing
     closer.join()
-    assert t._told == {0}
+    assert time.monotonic() - start < 5, "the server lingered although everyone was told"
+    assert t._told == {0, 1}
 
 
 def test_uploads_beyond_the_limit_wait_their_turn() -> None:

@@ -200,6 +200,7 @@ class _Heartbeats:
     """Sends heartbeats for ``task_id`` every ``interval`` s until stopped (errors ignored)."""
 
     def __init__(self, conn: Connection, task_id: str, interval: float) -> None:
+        self.finished = False  # the server said the run is over
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(conn, task_id, interval), daemon=True
@@ -209,7 +210,7 @@ class _Heartbeats:
         while not self._stop.wait(interval):
             # The server may be restarting; the push retries, so a missed beat is harmless.
             with contextlib.suppress(grpc.RpcError):
-                conn.heartbeat(task_id, timeout=interval)
+                self.finished = conn.heartbeat(task_id, timeout=interval) or self.finished
 
     def __enter__(self) -> _Heartbeats:
         self._thread.start()
@@ -296,8 +297,11 @@ def run_client(
             if not isinstance(got, Assigned):
                 continue
             assert runtime is not None
-            with _Heartbeats(conn, got.task_id, joined.heartbeat):
+            with _Heartbeats(conn, got.task_id, joined.heartbeat) as beats:
                 update, new_state = runtime.run(cid, got.task, state)
+            if beats.finished:
+                say(f"the run finished while training; {done} tasks done")
+                return done
             pending = (update, got.task_id, new_state)
         except grpc.RpcError as e:
             code = e.code()

@@ -313,6 +313,9 @@ class GrpcTransport:
     def heartbeat_from(self, client_id: ClientId, task_id: str) -> pb.HeartbeatReply:
         with self._cond:
             self._alive(client_id, task_id)
+            if self._finished:
+                self._told.add(client_id)  # it stops after its current task, pushing nothing
+                self._cond.notify_all()
             return pb.HeartbeatReply(finished=self._finished)
 
     def push(self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
