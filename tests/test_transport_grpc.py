@@ -364,8 +364,12 @@ def _engine(config: Any, **kw: Any) -> tuple[Any, GrpcTransport]:
     return build_engine(config, transport=t), t
 
 
-def test_async_strategy_runs_on_the_wall_clock() -> None:
-    config = small_config(clients=3, fraction=1.0, rounds=4, strategy="fedbuff", buffer=2)
+@pytest.mark.parametrize(
+    "options", [{"strategy": "fedbuff", "buffer": 2}, {"strategy": "fedfix", "period": 0.3}]
+)
+def test_async_strategy_runs_on_the_wall_clock(options: dict[str, Any]) -> None:
+    config = small_config(clients=3, fraction=1.0, rounds=4, **options)
+    start = time.monotonic()
     engine, t = _engine(config)
     threads = _clients(t, range(3))
     engine.run(4)
@@ -374,7 +378,9 @@ def test_async_strategy_runs_on_the_wall_clock() -> None:
         th.join(10)
         assert not th.is_alive()
     assert engine.version == 4 and engine.counters.rejected == 0
-    assert engine.transport.now() > 0
+    assert 0 < engine.transport.now() <= time.monotonic() - start + 1e-3
+    if config.period:  # four windows of wall time
+        assert engine.transport.now() >= 4 * config.period
 
 
 def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
