@@ -364,8 +364,12 @@ def _engine(config: Any, **kw: Any) -> tuple[Any, GrpcTransport]:
     return build_engine(config, transport=t), t
 
 
-def test_async_strategy_runs_on_the_wall_clock() -> None:
-    config = small_config(clients=3, fraction=1.0, rounds=4, strategy="fedbuff", buffer=2)
+@pytest.mark.parametrize(
+    "options", [{"strategy": "fedbuff", "buffer": 2}, {"strategy": "fedfix", "period": 0.3}]
+)
+def test_async_strategy_runs_on_the_wall_clock(options: dict[str, Any]) -> None:
+    config = small_config(clients=3, fraction=1.0, rounds=4, **options)
+    start = time.monotonic()
     engine, t = _engine(config)
     threads = _clients(t, range(3))
     engine.run(4)
@@ -374,7 +378,9 @@ def test_async_strategy_runs_on_the_wall_clock() -> None:
         th.join(10)
         assert not th.is_alive()
     assert engine.version == 4 and engine.counters.rejected == 0
-    assert engine.transport.now() > 0
+    assert 0 < engine.transport.now() <= time.monotonic() - start + 1e-3
+    if config.period:  # four windows of wall time
+        assert engine.transport.now() >= 4 * config.period
 
 
 def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
@@ -426,12 +432,124 @@ def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
 
 
 def test_finished_run_is_told_to_clients() -> None:
-    t = serve(Policy(num_clients=1), linger=5.0)
-    conn = connect(t, 0)
-    conn.join()
-    assert conn.pull(0.1) is None
+    t = serve(Policy(num_clients=2), linger=10.0)
+    polling, training = connect(t, 0), connect(t, 1)
+    polling.join()
+    training.join()
+    assert polling.pull(0.1) is None
+    assert training.heartbeat() is False
+    start = time.monotonic()
     closer = threading.Thread(target=t.close)
     closer.start()
-    assert conn.pull(5.0) == FINISHED
+    assert polling.pull(5.0) == FINISHED
+    time.sleep(0.2)
+    assert closer.is_alive(), "the server must wait for the client still training"
+    assert training.heartbeat() is True  # it stops after its task and pushes nothing
     closer.join()
-    assert t._told == {0}
+    assert time.monotonic() - start < 5, "the server lingered although everyone was told"
+    assert t._told == {0, 1}
+
+
+def test_uploads_beyond_the_limit_wait_their_turn() -> None:
+    t = serve(Policy(num_clients=3), max_uploads=1)
+    try:
+        conns, tasks = [], []
+        for cid in range(3):
+            t.submit(cid, Task(0, PARAMS))
+            conns.append(connect(t, cid))
+            got = conns[-1].pull(1.0)
+            assert isinstance(got, Assigned)
+            tasks.append(got.task_id)
+        # A refused upload must give its turn back.
+        assert refused(lambda: _push_raw(conns[0], [])) == grpc.StatusCode.INVALID_ARGUMENT
+        threads = [
+            threading.Thread(target=c.push, args=(Update(i, 0, PARAMS, 1), tasks[i]))
+            for i, c in enumerate(conns)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        got_ids = sorted(e.client_id for e in iter(lambda: t.next_update(1.0), None))
+        assert got_ids == [0, 1, 2]
+    finally:
+        t.close()
+
+
+def _mapping_of(address: int) -> str:
+    """The path of the memory mapping holding ``address`` ("" for anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) == 6 else ""
+    raise AssertionError(f"address {address:#x} is in no mapping")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_large_updates_are_held_in_unlinked_files_not_in_server_memory(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    t = serve(Policy(num_clients=3), spool=spool, spool_bytes=1 << 20, max_update_bytes=1 << 30)
+    try:
+        big = {"w": torch.randn((4 << 20) // 4), "b": torch.arange(3.0)}
+        small = {"w": torch.randn(1000), "b": torch.arange(3.0)}
+        held = []
+        for cid, payload in enumerate([big, big, small]):
+            t.submit(cid, Task(0, {"b": torch.zeros(3)}))
+            conn = connect(t, cid)
+            got = conn.pull(1.0)
+            assert isinstance(got, Assigned)
+            conn.push(Update(cid, 0, payload, 1), got.task_id)
+            event = t.next_update(5.0)
+            assert isinstance(event, Update)
+            for k, v in payload.items():
+                assert torch.equal(event.payload[k], v)
+            held.append(event)  # held, as the engine holds a synchronous version's updates
+            conn.close()
+        # Page-cache pages of deleted spool files: the kernel writes them back and reclaims
+        # them, so holding many large updates does not grow the server's anonymous memory.
+        for u in held[:2]:
+            where = _mapping_of(u.payload["w"].data_ptr())
+            assert where.startswith(str(spool)) and where.endswith("(deleted)"), where
+        assert not _mapping_of(held[2].payload["w"].data_ptr()).startswith(str(spool))
+        assert not list(spool.iterdir()), "spool files must be unlinked at once"
+    finally:
+        t.close()
+
+
+class _CountingRuntime:
+    """Stands in for a ClientRuntime: counts the tasks it trains."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(3, 2)
+        self.runs: list[int] = []
+
+    def run(self, cid: int, task: Task, state: Any) -> tuple[Update, dict[str, Any]]:
+        self.runs.append(task.version)
+        return Update(cid, task.version, {"w": torch.full((2,), 7.0)}, 1), {"n": len(self.runs)}
+
+
+def test_an_answer_the_server_lost_is_resent_not_retrained() -> None:
+    t = serve(Policy(num_clients=1), linger=5.0)
+    runtime = _CountingRuntime()
+    client = threading.Thread(
+        target=run_client,
+        args=(connect(t, 0), lambda joined: runtime),
+        kwargs={"log": None, "poll": 0.5},
+        daemon=True,
+    )
+    client.start()
+    params = {"w": torch.zeros(2)}
+    t.submit(0, Task(3, params))
+    task_id = t.state_dict()["tasks"][0]["task_id"]
+    first = t.next_update(10.0)
+    assert isinstance(first, Update)
+    # The server restarts from a checkpoint taken before that answer arrived.
+    t.load_state_dict({"now": t.now(), "tasks": {0: {"version": 3, "task_id": task_id}}})
+    t.submit(0, Task(3, params))
+    second = t.next_update(10.0)
+    assert isinstance(second, Update) and torch.equal(second.payload["w"], first.payload["w"])
+    assert runtime.runs == [3], "the client trained the same task twice"
+    t.close()
+    client.join(10)
+    assert not client.is_alive()

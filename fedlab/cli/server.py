@@ -86,6 +86,22 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
         help="largest update accepted (default 0: four times the model, plus 1 MiB)",
     )
     p.add_argument(
+        "--max-uploads",
+        type=int,
+        default=16,
+        metavar="N",
+        help="updates received at the same time; the rest wait, which bounds upload memory "
+        "(default: 16)",
+    )
+    p.add_argument(
+        "--spool-mb",
+        type=float,
+        default=16.0,
+        metavar="MB",
+        help="updates larger than this are received into memory-mapped files under "
+        "RUN_DIR/spool, so held updates do not fill the server's memory (0: always in RAM)",
+    )
+    p.add_argument(
         "--linger",
         type=float,
         default=10.0,
@@ -121,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.tls_only and not args.tokens:
         raise SecurityError("--tls-only needs --tokens: clients must prove who they are")
-    for name in ("heartbeat", "stall_timeout"):
+    for name in ("heartbeat", "stall_timeout", "max_uploads"):
         if not getattr(args, name) > 0:
             raise SecurityError(f"--{name.replace('_', '-')} must be positive")
     mutual = bool(args.certs) and not args.tls_only
@@ -144,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         max_update_bytes=int(args.max_update_mb * 2**20),
         linger=args.linger,
+        max_uploads=args.max_uploads,
+        spool=Path(config.out) / "spool" if args.spool_mb > 0 else None,
+        spool_bytes=int(args.spool_mb * 2**20),
     )
     mode = "mutual TLS" if mutual else "TLS" if args.certs else "plaintext (insecure)"
     print(

@@ -114,8 +114,10 @@ class Connection:
         )
         return Joined(reply.run, reply.config_toml, reply.heartbeat_seconds or 5.0)
 
-    def pull(self, wait: float = 10.0) -> Assigned | str | None:
+    def pull(self, wait: float = 10.0, max_bytes: int | None = None) -> Assigned | str | None:
         """This client's task, ``None`` if none came within ``wait`` s, or :data:`FINISHED`.
+
+        ``max_bytes`` bounds the params accepted (``None``: whatever the header announces).
 
         Raises:
             WireError: the task stream is malformed.
@@ -134,7 +136,8 @@ class Connection:
         if h.status != pb.TaskHeader.TASK:
             return None
         # The server's params are trusted no further than an update is on the server.
-        asm = Assembler(total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=h.total_bytes)
+        limit = h.total_bytes if max_bytes is None else max_bytes
+        asm = Assembler(total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit)
         checksum = b""
         for chunk in stream:
             for piece in chunk.tensors:
@@ -200,6 +203,7 @@ class _Heartbeats:
     """Sends heartbeats for ``task_id`` every ``interval`` s until stopped (errors ignored)."""
 
     def __init__(self, conn: Connection, task_id: str, interval: float) -> None:
+        self.finished = False  # the server said the run is over
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(conn, task_id, interval), daemon=True
@@ -209,7 +213,7 @@ class _Heartbeats:
         while not self._stop.wait(interval):
             # The server may be restarting; the push retries, so a missed beat is harmless.
             with contextlib.suppress(grpc.RpcError):
-                conn.heartbeat(task_id, timeout=interval)
+                self.finished = conn.heartbeat(task_id, timeout=interval) or self.finished
 
     def __enter__(self) -> _Heartbeats:
         self._thread.start()
@@ -251,6 +255,8 @@ def run_client(
     state: State | None = None
     state_path: Path | None = None
     pending: tuple[Update, str, State] | None = None
+    answered: tuple[str, Update] | None = None  # the last update the server accepted
+    limit: int | None = None
     done = 0
     last_contact = time.monotonic()
 
@@ -264,6 +270,8 @@ def run_client(
                 joined = conn.join()
                 if runtime is None:
                     runtime = build(joined)
+                    # Tasks carry this model's params: refuse anything much larger.
+                    limit = 4 * payload_bytes(runtime.model.state_dict()) + (1 << 20)
                 if state_dir is not None:
                     # One file per run, so a state from another run is never picked up.
                     state_path = Path(state_dir) / f"client-{cid}-{joined.run[:16]}.fl"
@@ -282,12 +290,14 @@ def run_client(
                         raise
                     say(f"update for version {update.version} refused: {e.details()}")
                 else:
-                    state = new_state
-                    if state_path is not None:
-                        tensorio.save(state_path, state)
-                    done += 1
+                    if answered is None or answered[0] != task_id:
+                        state = new_state
+                        if state_path is not None:
+                            tensorio.save(state_path, state)
+                        done += 1
+                    answered = (task_id, update)
                 pending = None
-            got = conn.pull(poll)
+            got = conn.pull(poll, limit)
             last_contact = time.monotonic()
             backoff.reset()
             if got == FINISHED:
@@ -296,8 +306,17 @@ def run_client(
             if not isinstance(got, Assigned):
                 continue
             assert runtime is not None
-            with _Heartbeats(conn, got.task_id, joined.heartbeat):
+            if answered is not None and answered[0] == got.task_id:
+                # The server restarted from a checkpoint older than our accepted answer: send
+                # the same update again instead of training twice on an advanced state.
+                say(f"the server lost the update for version {got.task.version}; resending it")
+                pending = (answered[1], got.task_id, state or {})
+                continue
+            with _Heartbeats(conn, got.task_id, joined.heartbeat) as beats:
                 update, new_state = runtime.run(cid, got.task, state)
+            if beats.finished:
+                say(f"the run finished while training; {done} tasks done")
+                return done
             pending = (update, got.task_id, new_state)
         except grpc.RpcError as e:
             code = e.code()

@@ -5,15 +5,20 @@ then the SHA-256 of every data byte in stream order. :class:`Assembler` rebuilds
 piece at a time, checking names, dtypes, shapes, offsets, sizes and the checksum against limits
 set before the first byte arrives, so a malformed or oversized stream is refused early and
 never allocates more than it declared. Nothing is unpickled: bytes become tensors through
-``torch.frombuffer`` only.
+plain byte copies only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from fedlab.proto import fedlab_pb2 as pb
@@ -106,12 +111,18 @@ class Assembler:
         total_bytes: tensor bytes the header announced.
         tensors: number of tensors the header announced.
         max_bytes: the most tensor bytes this stream may carry.
+        spool: a directory to receive the tensors into, as memory-mapped files unlinked at
+            once (``None``: in RAM). Their pages belong to the page cache, which the kernel
+            writes back and reclaims, so the server's own memory does not grow with the
+            number of large updates it holds; the disk space goes with the tensors.
 
     Raises:
         WireError: from the constructor or :meth:`add` / :meth:`finish` on any violation.
     """
 
-    def __init__(self, *, total_bytes: int, tensors: int, max_bytes: int) -> None:
+    def __init__(
+        self, *, total_bytes: int, tensors: int, max_bytes: int, spool: Path | None = None
+    ) -> None:
         if total_bytes > max_bytes:
             raise WireError(f"payload of {total_bytes} bytes exceeds the limit of {max_bytes}")
         if tensors > MAX_TENSORS:
@@ -119,8 +130,11 @@ class Assembler:
         self.total_bytes = total_bytes
         self.tensors = tensors
         self.out: dict[str, torch.Tensor] = {}
+        self.spool = spool
         self._current: str | None = None
-        self._buf = bytearray()
+        self._tensor = torch.empty(0)
+        self._flat: npt.NDArray[np.uint8] = np.empty(0, dtype=np.uint8)
+        self._filled = 0
         self._meta: tuple[str, tuple[int, ...], int] = ("", (), 0)
         self._received = 0
         self._declared = 0
@@ -137,15 +151,18 @@ class Assembler:
         dtype, shape, nbytes = self._meta
         if piece.dtype != dtype or tuple(piece.shape) != shape:
             raise WireError(f"tensor {name[:64]!r}: dtype or shape changed between pieces")
-        if piece.offset != len(self._buf):
+        if piece.offset != self._filled:
             raise WireError(
-                f"tensor {name[:64]!r}: piece at offset {piece.offset}, expected {len(self._buf)}"
+                f"tensor {name[:64]!r}: piece at offset {piece.offset}, expected {self._filled}"
             )
-        if len(self._buf) + len(piece.data) > nbytes:
+        data = piece.data
+        end = self._filled + len(data)
+        if end > nbytes:
             raise WireError(f"tensor {name[:64]!r}: more bytes than its shape holds")
-        self._buf += piece.data
-        self._received += len(piece.data)
-        self._hash.update(piece.data)
+        self._flat[self._filled : end] = np.frombuffer(data, dtype=np.uint8)
+        self._filled = end
+        self._received += len(data)
+        self._hash.update(data)
 
     def _open(self, piece: pb.Tensor) -> None:
         name = piece.name
@@ -169,24 +186,37 @@ class Assembler:
         self._declared += nbytes
         self._current = name
         self._meta = (piece.dtype, shape, nbytes)
-        self._buf = bytearray()
+        # Allocated once at its announced size, which the limits above have bounded.
+        flat = self._allocate(nbytes)
+        self._tensor = flat.view(dtype).reshape(shape)
+        self._flat = flat.numpy()
+        self._filled = 0
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if self.spool is None or nbytes == 0:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        fd, path = tempfile.mkstemp(dir=self.spool, suffix=".part")
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        try:
+            return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        finally:
+            os.unlink(path)  # the mapping keeps the file alive until the tensor is freed
 
     def _close(self) -> None:
         if self._current is None:
             return
-        dtype, shape, nbytes = self._meta
-        if len(self._buf) != nbytes:
+        nbytes = self._meta[2]
+        if self._filled != nbytes:
             raise WireError(
-                f"tensor {self._current[:64]!r}: {len(self._buf)} bytes for a shape of {nbytes}"
+                f"tensor {self._current[:64]!r}: {self._filled} bytes for a shape of {nbytes}"
             )
-        torch_dtype = DTYPES[dtype]
-        if nbytes == 0:
-            tensor = torch.empty(shape, dtype=torch_dtype)
-        else:
-            tensor = torch.frombuffer(self._buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
-        self.out[self._current] = tensor
+        self.out[self._current] = self._tensor
         self._current = None
-        self._buf = bytearray()
+        self._tensor = torch.empty(0)
+        self._flat = np.empty(0, dtype=np.uint8)
 
     def finish(self, sha256: bytes) -> dict[str, torch.Tensor]:
         """Check the announced totals and the checksum; return the tensors."""

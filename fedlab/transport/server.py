@@ -15,6 +15,7 @@ import collections
 import hmac
 import json
 import math
+import os
 import secrets
 import sys
 import threading
@@ -22,9 +23,11 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
@@ -66,6 +69,14 @@ class GrpcTransport:
         max_update_bytes: the largest update accepted (0: four times the task's params plus
             1 MiB).
         linger: seconds :meth:`close` waits for joined clients to hear the run is over.
+        max_uploads: updates received at the same time; others wait their turn, so the memory
+            of uploads in progress is bounded by ``max_uploads`` updates whatever the number
+            of clients.
+        spool: a directory where updates larger than ``spool_bytes`` are received into
+            memory-mapped files (see :class:`~fedlab.transport.codec.Assembler`), so the
+            updates a synchronous version holds until it aggregates live in the page cache,
+            not in the server's memory (``None``: always in RAM).
+        spool_bytes: the update size above which ``spool`` is used.
         log: where refusals are reported (``None``: nowhere).
     """
 
@@ -82,6 +93,9 @@ class GrpcTransport:
         stall_timeout: float = 30.0,
         max_update_bytes: int = 0,
         linger: float = 5.0,
+        max_uploads: int = 16,
+        spool: str | os.PathLike[str] | None = None,
+        spool_bytes: int = 16 << 20,
         log: Any = sys.stderr,
     ) -> None:
         self.num_clients = num_clients
@@ -92,6 +106,15 @@ class GrpcTransport:
         self.stall_timeout = stall_timeout
         self.max_update_bytes = max_update_bytes
         self.linger = linger
+        if max_uploads < 1:
+            raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
+        self._uploads = threading.BoundedSemaphore(max_uploads)
+        self.spool = Path(spool) if spool is not None else None
+        self.spool_bytes = spool_bytes
+        if self.spool is not None:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            for leftover in self.spool.glob("*.part"):  # a crash between create and unlink
+                leftover.unlink(missing_ok=True)
         self._closed = False
         self.log = log
         self.refused: collections.deque[str] = collections.deque(maxlen=1000)
@@ -290,6 +313,9 @@ class GrpcTransport:
     def heartbeat_from(self, client_id: ClientId, task_id: str) -> pb.HeartbeatReply:
         with self._cond:
             self._alive(client_id, task_id)
+            if self._finished:
+                self._told.add(client_id)  # it stops after its current task, pushing nothing
+                self._cond.notify_all()
             return pb.HeartbeatReply(finished=self._finished)
 
     def push(self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
@@ -306,32 +332,13 @@ class GrpcTransport:
         if reason is not None or a is None:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason or "")
             raise AssertionError("unreachable")
+        while not self._uploads.acquire(timeout=1.0):
+            with self._cond:
+                self._alive(cid, h.task_id)  # waiting for its turn is no stall
         try:
-            metrics = {str(k): float(v) for k, v in h.metrics.items()}
-            if not all(math.isfinite(v) for v in metrics.values()):
-                raise WireError("metrics must be finite")
-            asm = Assembler(total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=a.limit)
-            checksum = None
-            chunk: pb.UpdateChunk | None = first
-            while chunk is not None:
-                if chunk is not first and chunk.HasField("header"):
-                    raise WireError("a second header in one update")
-                for piece in chunk.tensors:
-                    asm.add(piece)
-                with self._cond:
-                    self._alive(cid, h.task_id)  # a long upload is a sign of life too
-                if chunk.sha256:
-                    checksum = chunk.sha256
-                    break
-                chunk = next(chunks, None)
-            if checksum is None:
-                raise WireError("the update ended without its checksum")
-            if next(chunks, None) is not None:
-                raise WireError("data after the checksum")
-            payload = asm.finish(checksum)
-        except WireError as e:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"client {cid}: {e}")
-            raise AssertionError("unreachable") from e
+            payload, metrics = self._receive(cid, h, a.limit, first, chunks, context)
+        finally:
+            self._uploads.release()
         with self._cond:
             # The assignment may have expired, or a duplicate upload may have won meanwhile.
             now = self._tasks.get(cid)
@@ -351,6 +358,46 @@ class GrpcTransport:
         if reason is not None:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         return pb.PushReply(accepted=True)
+
+    def _receive(
+        self,
+        cid: ClientId,
+        h: pb.UpdateHeader,
+        limit: int,
+        first: pb.UpdateChunk,
+        chunks: Iterator[pb.UpdateChunk],
+        context: grpc.ServicerContext,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Read one update's pieces into tensors, refusing the call on any violation."""
+        try:
+            metrics = {str(k): float(v) for k, v in h.metrics.items()}
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise WireError("metrics must be finite")
+            spool = self.spool if h.total_bytes > self.spool_bytes else None
+            asm = Assembler(
+                total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit, spool=spool
+            )
+            checksum = None
+            chunk: pb.UpdateChunk | None = first
+            while chunk is not None:
+                if chunk is not first and chunk.HasField("header"):
+                    raise WireError("a second header in one update")
+                for piece in chunk.tensors:
+                    asm.add(piece)
+                with self._cond:
+                    self._alive(cid, h.task_id)  # a long upload is a sign of life too
+                if chunk.sha256:
+                    checksum = chunk.sha256
+                    break
+                chunk = next(chunks, None)
+            if checksum is None:
+                raise WireError("the update ended without its checksum")
+            if next(chunks, None) is not None:
+                raise WireError("data after the checksum")
+            return asm.finish(checksum), metrics
+        except WireError as e:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"client {cid}: {e}")
+            raise AssertionError("unreachable") from e
 
     @staticmethod
     def _unassigned(cid: int, a: _Assignment | None, version: int, task_id: str) -> str | None:
