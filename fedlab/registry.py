@@ -38,6 +38,7 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "admm-wls": "fedlab.strategies.admm_wls:ADMMWLS",
         "dp-brem": "fedlab.strategies.dp_brem:DPBREM",
         "fed-sb": "fedlab.strategies.fed_sb:FedSB",
+        "fedit": "fedlab.strategies.fedit:FedIT",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",
@@ -45,6 +46,7 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "admm-wls": "fedlab.clients.admm_wls:ADMMClient",
         "dp-brem": "fedlab.clients.dp_brem:DPBREMClient",
         "fed-sb": "fedlab.clients.fed_sb:FedSBClient",
+        "fedit": "fedlab.clients.fedit:FedITClient",
     },
     "transforms": {
         "fedzip": "fedlab.clients.fedzip:FedZip",
