@@ -34,12 +34,6 @@ def mean_std(values: Iterable[float], *, sample: bool = False) -> tuple[float, f
     return statistics.fmean(xs), statistics.pstdev(xs)
 
 
-def fmt_mean_std(values: Iterable[float], digits: int = 4, *, sample: bool = False) -> str:
-    """``"mean ± std"`` with ``digits`` decimals."""
-    mean, std = mean_std(values, sample=sample)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 class Curve:
     """An engine callback keeping ``(version, row[key])`` whenever a row has ``key``.
 
