@@ -56,26 +56,15 @@ from typing import ClassVar
 
 import torch
 
-from fedlab import optim, seeding
+from fedlab import optim, privacy, seeding
 from fedlab.strategies.robust import coordinate_median
 from fedlab.strategy import EveryRound, Strategy, Trigger, floating
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
-__all__ = ["AGGREGATORS", "DPBREM", "dp_epsilon"]
-
-_NOISE = 0x4450  # the seeding stream of the server's Gaussian noise
+__all__ = ["AGGREGATORS", "DPBREM"]
 
 AGGREGATORS = ("centered", "direct-clip", "median")
 """DP-BREM's centered clipping, then the reference code's two DP baselines."""
-
-
-def dp_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
-    """``ε`` of ``steps`` Gaussian mechanisms of noise multiplier ``z`` (Opacus RDP, rate 1)."""
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, 1.0, steps)]
-    return float(acc.get_epsilon(delta))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,7 +226,7 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
         steps = int(state["steps"])
         if self.noise_multiplier > 0:
             std = self.noise_multiplier * max(bounds[str(u.client_id)] for u in chosen)
-            gen = seeding.torch_generator(round.seed, _NOISE)
+            gen = seeding.torch_generator(round.seed, privacy.NOISE)
             for name in sorted(v):
                 noise = torch.randn(v[name].shape, generator=gen, dtype=torch.float64)
                 v[name].add_((noise * std).to(v[name].dtype))
@@ -245,7 +234,8 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
             metrics["noise_std"] = std
             # Opacus is the optional "dp" extra: without it no ε is reported, never a guess.
             with contextlib.suppress(ImportError):
-                metrics["epsilon"] = dp_epsilon(self.noise_multiplier, steps, self.delta)
+                history = [[self.noise_multiplier, 1.0, float(steps)]]
+                metrics["epsilon"] = privacy.epsilon(history, self.delta)
         if self.aggregator == "centered":
             v = {name: center[name] + x / k for name, x in v.items()}
         elif self.aggregator == "direct-clip":
