@@ -1,11 +1,11 @@
 """Update codecs: the byte container every compressed tensor travels in, and baseline codecs.
 
 A codec turns each floating-point tensor of a payload into one flat ``uint8`` tensor, stored
-under the key ``NAME#CODEC``: a small header (the original dtype and shape) and then the codec's
-own body. The bytes are the real message, so the same tensor travels unchanged over the network
-as ``{name, dtype, shape, codec, bytes}``, and the bytes counted in ``metrics.jsonl`` are the
-bytes a deployed client would send. Tensors that are not floating point (FRL's rankings) pass
-through untouched.
+under the key ``NAME#CODEC``: a small header (the original dtype and shape, in variable-length
+integers) and then the codec's own body. The bytes are the real message, so the same tensor
+travels unchanged over the network as ``{name, dtype, shape, codec, bytes}``, and the bytes
+counted in ``metrics.jsonl`` are the bytes a deployed client would send. Tensors that are not
+floating point (FRL's rankings) pass through untouched.
 
 With ``error_feedback`` a client adds what its previous encodings did not send (the residual,
 kept in the client-state store) to its next update before encoding, so the compression error
@@ -31,23 +31,60 @@ SEP = "#"
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def uvarint(*values: int) -> bytes:
+    """Each non-negative value as a LEB128 varint: 7 bits a byte, low bits first."""
+    out = bytearray()
+    for v in values:
+        if v < 0:
+            raise ValueError(f"varints hold non-negative integers, got {v}")
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def read_uvarints(data: bytes, offset: int, count: int) -> tuple[list[int], int]:
+    """``(count`` varints read from ``data[offset:]``, the offset after them)."""
+    values = []
+    for _ in range(count):
+        v, shift = 0, 0
+        while True:
+            if offset >= len(data):
+                raise ValueError("varint ends early")
+            byte = data[offset]
+            offset += 1
+            v |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+            if shift > 63:
+                raise ValueError("varint longer than 64 bits")
+        values.append(v)
+    return values, offset
+
+
 def header(x: torch.Tensor) -> bytes:
-    """The container header of ``x``: dtype code, number of dims, each dim as uint32."""
+    """The container header of ``x``: ``ndim * len(DTYPES) + dtype code``, then each dim.
+
+    All are varints, so a small tensor's header is a few bytes (one per dim below 128).
+    """
     if x.dtype not in DTYPES:
         raise ValueError(f"cannot encode dtype {x.dtype}; codecs take {DTYPES}")
-    return struct.pack(f"<BB{x.dim()}I", DTYPES.index(x.dtype), x.dim(), *x.shape)
+    return uvarint(x.dim() * len(DTYPES) + DTYPES.index(x.dtype), *x.shape)
 
 
 def read_header(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int]:
     """``(dtype, shape, offset of the body)`` of a container; ``ValueError`` when malformed."""
     try:
-        code, ndim = struct.unpack_from("<BB", data, 0)
-        shape = struct.unpack_from(f"<{ndim}I", data, 2)
-    except struct.error as e:
-        raise ValueError(f"truncated tensor header: {e}") from e
-    if code >= len(DTYPES):
-        raise ValueError(f"unknown dtype code {code} in tensor header")
-    return DTYPES[code], tuple(shape), 2 + 4 * ndim
+        (lead,), offset = read_uvarints(data, 0, 1)
+        ndim, code = divmod(lead, len(DTYPES))
+        if ndim > 64:
+            raise ValueError(f"{ndim} dimensions")
+        shape, offset = read_uvarints(data, offset, ndim)
+    except ValueError as e:
+        raise ValueError(f"malformed tensor header: {e}") from e
+    return DTYPES[code], tuple(shape), offset
 
 
 def to_uint8(data: bytes) -> torch.Tensor:

@@ -16,6 +16,8 @@ index of every entry with whichever of three real encodings is smallest:
   fixed-width remainders in two runs so both decode with array operations.
 
 The centroids travel as float32, so the server rebuilds exactly what the quantizer produced.
+Headers are kept small because on a small model they are a sizeable share of the message: the
+method and the unlisted (most frequent) cluster share one byte, and list sizes are varints.
 Unlike the reference code (which only estimates sizes, with a Huffman length bug and
 undecodable gaps) every bit counted is a bit sent.
 """
@@ -34,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedlab.clients.codecs import TensorCodec
+from fedlab.clients.codecs import TensorCodec, read_uvarints, uvarint
 
 Bits = npt.NDArray[np.uint8]
 Ints = npt.NDArray[np.int64]
@@ -195,9 +197,9 @@ def _others(symbols: Ints, counts: Sequence[int]) -> tuple[int, list[Ints]]:
 
 
 def _position(symbols: Ints, counts: Sequence[int]) -> tuple[bytes, Bits]:
-    common, lists = _others(symbols, counts)
+    _, lists = _others(symbols, counts)
     width = max(symbols.size - 1, 0).bit_length()
-    head = struct.pack("<B", common) + b"".join(struct.pack("<I", p.size) for p in lists)
+    head = uvarint(*(p.size for p in lists))
     return head, np.concatenate([to_bits(p, width) for p in lists] + [np.zeros(0, np.uint8)])
 
 
@@ -213,13 +215,13 @@ def rice_parameter(gaps: Ints) -> tuple[int, int]:
 
 
 def _gap(symbols: Ints, counts: Sequence[int]) -> tuple[bytes, Bits]:
-    common, lists = _others(symbols, counts)
-    head = struct.pack("<B", common)
+    _, lists = _others(symbols, counts)
+    head = b""
     parts: list[Bits] = []
     for p in lists:
         g = np.diff(p, prepend=-1) - 1  # gap to the previous index (from -1), minus one
         b, _ = rice_parameter(g + 1)
-        head += struct.pack("<IB", p.size, b)
+        head += uvarint(p.size) + struct.pack("<B", b)
         q = g >> b
         unary = np.ones(int(q.sum()) + p.size, dtype=np.uint8)
         unary[np.cumsum(q + 1) - 1] = 0  # each quotient in unary: q ones, then a zero
@@ -237,37 +239,50 @@ def _fill(n: int, common: int, k: int, lists: list[Ints]) -> Ints:
     return symbols
 
 
-def _unposition(body: bytes, pos: int, k: int, body_bits: Bits, n: int) -> Ints:
-    (common,) = struct.unpack_from("<B", body, pos)
-    sizes = struct.unpack_from(f"<{k - 1}I", body, pos + 1)
+def _unposition(blob: bytes, pos: int, common: int, k: int, n: int) -> Ints:
+    sizes, pos = read_uvarints(blob, pos, k - 1)
+    bits = np.unpackbits(np.frombuffer(blob, dtype=np.uint8, offset=pos))
     width = max(n - 1, 0).bit_length()
     lists, at = [], 0
     for m in sizes:
-        lists.append(from_bits(_take(body_bits, at, m * width), width))
+        lists.append(from_bits(_take(bits, at, m * width), width))
         at += m * width
     return _fill(n, common, k, lists)
 
 
-def _ungap(body: bytes, pos: int, k: int, body_bits: Bits, n: int) -> Ints:
-    (common,) = struct.unpack_from("<B", body, pos)
-    pos += 1
-    lists, at = [], 0
+def _ungap(blob: bytes, pos: int, common: int, k: int, n: int) -> Ints:
+    params: list[tuple[int, int]] = []
     for _ in range(k - 1):
-        m, b = struct.unpack_from("<IB", body, pos)
-        pos += 5
-        zeros = np.flatnonzero(body_bits[at:] == 0)[:m]
+        (m,), pos = read_uvarints(blob, pos, 1)
+        if pos >= len(blob):
+            raise ValueError("FedZip header ends early")
+        params.append((m, blob[pos]))
+        pos += 1
+    bits = np.unpackbits(np.frombuffer(blob, dtype=np.uint8, offset=pos))
+    lists, at = [], 0
+    for m, b in params:
+        zeros = np.flatnonzero(bits[at:] == 0)[:m]
         if zeros.size < m:
             raise ValueError("gap stream ends early")
         q = np.diff(zeros, prepend=-1) - 1
         at += int(zeros[-1]) + 1 if m else 0
-        r = from_bits(_take(body_bits, at, m * b), b) if b else np.zeros(m, dtype=np.int64)
+        r = from_bits(_take(bits, at, m * b), b) if b else np.zeros(m, dtype=np.int64)
         at += m * b
         lists.append(np.cumsum((q << b) + r + 1) - 1)
     return _fill(n, common, k, lists)
 
 
-def _method_head_size(method: int, k: int) -> int:
-    return {HUFFMAN: k, POSITION: 1 + 4 * (k - 1), GAP: 1 + 5 * (k - 1)}[method]
+def _varint_size(v: int) -> int:
+    return max(1, (v.bit_length() + 6) // 7)
+
+
+def _method_head_size(method: int, counts: Sequence[int]) -> int:
+    """Bytes of ``method``'s header after the lead byte (the index-list sizes are varints)."""
+    if method == HUFFMAN:
+        return len(counts)
+    common = int(np.argmax(counts))
+    sizes = sum(_varint_size(c) for s, c in enumerate(counts) if s != common)
+    return sizes + (len(counts) - 1 if method == GAP else 0)  # GAP: one Rice byte per list
 
 
 # --------------------------------------------------------------------------- the transform
@@ -278,17 +293,21 @@ def encode_symbols(
 ) -> bytes:
     """The smallest of the chosen encodings of ``symbols`` (values ``0 .. k-1``).
 
-    Returns ``method byte | method header | bitstream padded to a byte``.
+    Returns ``lead byte | method header | bitstream padded to a byte``. The lead byte holds
+    the method in its low 2 bits and, for the index-list methods, the most frequent symbol
+    (the one not listed) above them.
     """
     counts = np.bincount(symbols, minlength=k).tolist() if symbols.size else [0] * k
     # Exact sizes first, so only the chosen bitstream is built.
     size = {
-        m: _method_head_size(m, k) + (encoded_bits(m, symbols, counts) + 7) // 8 for m in methods
+        m: _method_head_size(m, counts) + (encoded_bits(m, symbols, counts) + 7) // 8
+        for m in methods
     }
     best = min(methods, key=lambda m: (size[m], m))
     encoders = {HUFFMAN: _huffman, POSITION: _position, GAP: _gap}
     head, bits = encoders[best](symbols, counts)
-    return struct.pack("<B", best) + head + np.packbits(bits).tobytes()
+    common = int(np.argmax(counts)) if best != HUFFMAN else 0
+    return struct.pack("<B", best | common << 2) + head + np.packbits(bits).tobytes()
 
 
 def encoded_bits(method: int, symbols: Ints, counts: Sequence[int]) -> int:
@@ -304,18 +323,19 @@ def encoded_bits(method: int, symbols: Ints, counts: Sequence[int]) -> int:
 
 def decode_symbols(blob: bytes, k: int, n: int) -> Ints:
     """Inverse of :func:`encode_symbols` for ``n`` symbols of an alphabet of ``k``."""
-    (method,) = struct.unpack_from("<B", blob, 0)
-    if method not in (HUFFMAN, POSITION, GAP):
-        raise ValueError(f"unknown FedZip encoding {method}")
-    start = 1 + _method_head_size(method, k)
-    if len(blob) < start:
+    if not blob:
         raise ValueError("FedZip header ends early")
-    bits = np.unpackbits(np.frombuffer(blob[start:], dtype=np.uint8))
+    method, common = blob[0] & 3, blob[0] >> 2
+    if method not in (HUFFMAN, POSITION, GAP) or common >= k:
+        raise ValueError(f"unknown FedZip encoding byte {blob[0]} for {k} clusters")
     if method == HUFFMAN:
-        return _unhuffman(list(blob[1:start]), bits, n)
+        if len(blob) < 1 + k:
+            raise ValueError("FedZip header ends early")
+        bits = np.unpackbits(np.frombuffer(blob, dtype=np.uint8, offset=1 + k))
+        return _unhuffman(list(blob[1 : 1 + k]), bits, n)
     if method == POSITION:
-        return _unposition(blob, 1, k, bits, n)
-    return _ungap(blob, 1, k, bits, n)
+        return _unposition(blob, 1, common, k, n)
+    return _ungap(blob, 1, common, k, n)
 
 
 @dataclass(frozen=True, kw_only=True)

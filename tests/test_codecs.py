@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import Rows, assert_resume_bit_identical, small_config
 from fedlab import registry
 from fedlab.cli import main
-from fedlab.clients.codecs import Float16, Int8, TopK
+from fedlab.clients.codecs import DTYPES, Float16, Int8, TopK, header, read_header, uvarint
 from fedlab.sim import build_engine
 from fedlab.transforms import TransformContext
 
@@ -33,6 +33,29 @@ def test_codecs_are_registered_by_kebab_case_name() -> None:
     assert "fedzip" in registry.names("transforms")
 
 
+@given(
+    shape=st.lists(st.integers(0, 2**20), min_size=0, max_size=3),
+    code=st.integers(0, len(DTYPES) - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_varint_header_round_trips_and_is_small(shape: list[int], code: int) -> None:
+    x = torch.zeros((), dtype=DTYPES[code]).expand(shape)  # no memory for huge shapes
+    data = header(x) + b"body"
+    dtype, got, offset = read_header(data)
+    assert (dtype, got, data[offset:]) == (DTYPES[code], tuple(shape), b"body")
+    # One byte for dtype and ndim, then 7 bits of each dim a byte.
+    assert offset == 1 + sum(max(1, math.ceil(d.bit_length() / 7)) for d in shape)
+    for cut in range(offset):
+        with pytest.raises(ValueError, match="header"):
+            read_header(data[:cut])
+
+
+def test_a_conv_weight_header_takes_five_bytes_not_eighteen() -> None:
+    assert header(torch.zeros(32, 1, 3, 3)) == uvarint(4 * len(DTYPES), 32, 1, 3, 3)
+    assert len(header(torch.zeros(32, 1, 3, 3))) == 5
+    assert uvarint(300) == bytes([0xAC, 0x02])
+
+
 @given(seed=st.integers(0, 1000), n=st.integers(1, 200))
 @settings(max_examples=30, deadline=None)
 def test_baseline_codecs_round_trip_within_their_precision(seed: int, n: int) -> None:
@@ -44,11 +67,11 @@ def test_baseline_codecs_round_trip_within_their_precision(seed: int, n: int) ->
             assert out[name].dtype == t.dtype and out[name].shape == t.shape
             if isinstance(codec, Float16):
                 assert torch.allclose(out[name], t, rtol=2**-10, atol=1e-7)
-                assert encoded[name + "#float16"].numel() == 2 + 4 * t.dim() + 2 * t.numel()
+                assert encoded[name + "#float16"].numel() == len(header(t)) + 2 * t.numel()
             else:
                 step = float(t.abs().max()) / 127
                 assert float((out[name] - t).abs().max()) <= step / 2 + 1e-6
-                assert encoded[name + "#int8"].numel() == 2 + 4 * t.dim() + 4 + t.numel()
+                assert encoded[name + "#int8"].numel() == len(header(t)) + 4 + t.numel()
 
 
 def test_float16_saturates_instead_of_sending_infinity() -> None:
