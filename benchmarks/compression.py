@@ -19,6 +19,7 @@ Runs go to ``--jobs`` worker processes (one torch thread each).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -33,12 +34,18 @@ BASELINES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
-def settings(zs: list[float]) -> list[tuple[str, str, dict[str, Any]]]:
+def settings(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, codec, options) of every run; the first one is the uncompressed reference."""
-    out = list(BASELINES)
-    for z in zs:
-        out.append((f"fedzip z={z:g}", "fedzip", {"z": z}))
-        out.append((f"fedzip z={z:g} +EF", "fedzip", {"z": z, "error_feedback": True}))
+    out = [b for b in BASELINES if not b[1] or b[1] in args.baselines]
+    for k, init, z in itertools.product(args.fedzip_k, args.fedzip_init, args.fedzip_z):
+        name = f"fedzip z={z:g}" + (f" k={k}" if k != 3 else "")
+        name += f" {init}" if init != "linspace" else ""
+        opts: dict[str, Any] = {"z": z, **({"k": k} if k != 3 else {})}
+        opts |= {"init": init} if init != "linspace" else {}
+        if args.fedzip_ef in ("both", "off"):
+            out.append((name, "fedzip", opts))
+        if args.fedzip_ef in ("both", "on"):
+            out.append((name + " +EF", "fedzip", {**opts, "error_feedback": True}))
     return out
 
 
@@ -68,7 +75,7 @@ def run_one(workload: str, setting: int, seed: int, args: argparse.Namespace) ->
     from fedlab.sim import build_engine, build_workload
 
     torch.set_num_threads(1)
-    label, codec, options = settings(args.fedzip_z)[setting]
+    label, codec, options = settings(args)[setting]
     config = RunConfig(
         **{**workload_config(workload, args), "seed": seed},
         compress=codec,
@@ -128,7 +135,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = TransformContext(client_id=0, version=0, seed=args.seed)
     out = []
     seen = set()
-    for label, codec, options in settings(args.fedzip_z)[1:]:
+    for label, codec, options in settings(args)[1:]:
         # Error feedback adds one addition and one subtraction; time each codec once without.
         plain = {k: v for k, v in options.items() if k != "error_feedback"}
         if (codec, tuple(sorted(plain.items()))) in seen:
@@ -175,21 +182,34 @@ def main() -> None:
         default="0.2,0.035",
         help="FedZip z values, each run with and without error feedback",
     )
+    p.add_argument("--fedzip-k", default="3", help="FedZip cluster counts, each with every z")
+    p.add_argument("--fedzip-init", default="linspace", help="FedZip k-means initializations")
+    p.add_argument(
+        "--fedzip-ef", choices=("both", "on", "off"), default="both", help="error feedback runs"
+    )
+    p.add_argument(
+        "--baselines",
+        default="float16,int8,topk",
+        help="baseline codecs run beside 'none' (comma list; empty for none)",
+    )
     p.add_argument("--synthetic-model", default="mlp")
     p.add_argument("--workloads", default="digits,synthetic")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="timing repeats; 0 skips the timings")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", default="")
     args = p.parse_args()
 
     args.fedzip_z = [float(z) for z in str(args.fedzip_z).split(",") if z.strip()]
+    args.fedzip_k = [int(k) for k in str(args.fedzip_k).split(",") if k.strip()]
+    args.fedzip_init = [i.strip() for i in str(args.fedzip_init).split(",") if i.strip()]
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     seeds = [args.seed + i for i in range(args.seeds)]
-    n = len(settings(args.fedzip_z))
+    n = len(settings(args))
     jobs = [(w, i, s) for w in workloads for i in range(n) for s in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_one, *zip(*jobs, strict=True), [args] * len(jobs)))
-    speed = throughput(args)
+    speed = throughput(args) if args.repeat > 0 else []
 
     print(
         f"\nFedAvg, {args.clients} clients, {args.fraction} per version, {args.rounds} versions, "
@@ -201,7 +221,7 @@ def main() -> None:
     table = []
     for w in workloads:
         ref = {r["seed"]: r["accuracy"] for r in results if r["workload"] == w and not r["codec"]}
-        for label, _, _ in settings(args.fedzip_z):
+        for label, _, _ in settings(args):
             runs = [r for r in results if r["workload"] == w and r["setting"] == label]
             for r in runs:
                 r["delta_points"] = 100 * (r["accuracy"] - ref[r["seed"]])
