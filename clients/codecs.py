@@ -82,6 +82,8 @@ def read_header(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int]:
         if ndim > 64:
             raise ValueError(f"{ndim} dimensions")
         shape, offset = read_uvarints(data, offset, ndim)
+        if any(d >= 2**32 for d in shape):  # the bound of the earlier uint32 dims
+            raise ValueError(f"dimension over 2**32 in {shape}")
     except ValueError as e:
         raise ValueError(f"malformed tensor header: {e}") from e
     return DTYPES[code], tuple(shape), offset

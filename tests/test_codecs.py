@@ -54,6 +54,8 @@ def test_a_conv_weight_header_takes_five_bytes_not_eighteen() -> None:
     assert header(torch.zeros(32, 1, 3, 3)) == uvarint(4 * len(DTYPES), 32, 1, 3, 3)
     assert len(header(torch.zeros(32, 1, 3, 3))) == 5
     assert uvarint(300) == bytes([0xAC, 0x02])
+    with pytest.raises(ValueError, match="dimension over"):
+        read_header(uvarint(1 * len(DTYPES), 2**40))
 
 
 @given(seed=st.integers(0, 1000), n=st.integers(1, 200))
