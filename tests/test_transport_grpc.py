@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.sim import build_engine
 from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
-from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.codec import Assembler, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import (
     Policy,
     client_credentials,
@@ -33,14 +33,23 @@ from fedlab.types import Task, Update
 PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
 
 
-def _roundtrip(params: dict[str, torch.Tensor], piece_bytes: int) -> dict[str, torch.Tensor]:
+def _assemble(params: dict[str, torch.Tensor], bufs: list[bytes]) -> dict[str, torch.Tensor]:
     asm = Assembler(total_bytes=payload_bytes(params), tensors=len(params), max_bytes=1 << 30)
     checksum = b""
-    for tensors, sha in digest(pieces(params, piece_bytes=piece_bytes)):
-        for t in tensors:
-            asm.add(t)
-        checksum = sha or checksum
+    for buf in bufs:
+        chunk = decode(buf, pb.UpdateHeader)
+        for piece, data in chunk.pieces:
+            asm.add(piece, data)
+        checksum = chunk.checksum or checksum
     return asm.finish(checksum)
+
+
+def _roundtrip(params: dict[str, torch.Tensor], piece_bytes: int) -> dict[str, torch.Tensor]:
+    bufs = list(encode(params, piece_bytes=piece_bytes))
+    for buf in bufs:
+        # The codec writes exactly what protobuf would.
+        assert pb.UpdateChunk.FromString(buf).SerializeToString() == buf
+    return _assemble(params, bufs)
 
 
 def test_tensors_survive_the_wire_in_pieces() -> None:
@@ -59,6 +68,31 @@ def test_tensors_survive_the_wire_in_pieces() -> None:
             assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
 
 
+@given(data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_corrupted_chunks_are_refused(data: st.DataObject) -> None:
+    bufs = list(encode(PARAMS, piece_bytes=8))
+    i = data.draw(st.integers(0, len(bufs) - 1))
+    corrupt = bytearray(bufs[i])
+    corrupt[data.draw(st.integers(0, len(corrupt) - 1))] ^= data.draw(st.integers(1, 255))
+    bufs[i] = bytes(corrupt)
+    try:
+        out = _assemble(PARAMS, bufs)
+    except WireError:
+        return
+    # What slips through changed no tensor byte (a name, say): the checksum guards the data.
+    for got, sent in zip(out.values(), PARAMS.values(), strict=True):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+
+
+def test_a_flipped_data_byte_fails_the_checksum() -> None:
+    bufs = list(encode(PARAMS))
+    data = bytes(decode(bufs[0], pb.UpdateHeader).pieces[0][1])
+    bufs[0] = bufs[0].replace(data, bytes([data[0] ^ 1]) + data[1:])
+    with pytest.raises(WireError, match="checksum"):
+        _assemble(PARAMS, bufs)
+
+
 def test_assembler_refuses_lies_before_allocating() -> None:
     with pytest.raises(WireError, match="exceeds the limit"):
         Assembler(total_bytes=10**12, tensors=1, max_bytes=1 << 20)
@@ -74,7 +108,7 @@ def test_assembler_refuses_lies_before_allocating() -> None:
     asm = Assembler(total_bytes=8, tensors=1, max_bytes=1 << 20)
     asm.add(pb.Tensor(name="x", dtype="float32", shape=[2], codec="raw", data=b"12345678"))
     with pytest.raises(WireError, match="checksum"):
-        asm.finish(hashlib.sha256(b"other").digest())
+        asm.finish(zlib.crc32(b"other").to_bytes(4, "big"))
 
 
 # ---------------------------------------------------------------- a live server on loopback
@@ -200,14 +234,12 @@ def test_refused_updates_leave_the_run_untouched() -> None:
             total_bytes=payload_bytes(update.payload),
             tensors=2,
         )
-        body = [
-            pb.UpdateChunk(tensors=ts, sha256=sha) for ts, sha in digest(pieces(update.payload))
-        ]
+        body = [pb.UpdateChunk.FromString(b) for b in encode(update.payload)]
         bad_dtype = [
             pb.UpdateChunk(header=header),
             pb.UpdateChunk(
                 tensors=[pb.Tensor(name="w", dtype="object", shape=[6], codec="raw", data=b"")],
-                sha256=b"x",
+                checksum=b"x",
             ),
         ]
         cases: dict[str, Callable[[], object]] = {
@@ -224,7 +256,7 @@ def test_refused_updates_leave_the_run_untouched() -> None:
                 [
                     pb.UpdateChunk(header=header),
                     *body[:-1],
-                    pb.UpdateChunk(tensors=body[-1].tensors, sha256=b"\0" * 32),
+                    pb.UpdateChunk(tensors=body[-1].tensors, checksum=b"\0" * 4),
                 ],
             ),
             "no checksum": lambda: _push_raw(
@@ -301,9 +333,21 @@ def test_fuzzed_uploads_are_refused_without_effect(data: list[bytes]) -> None:
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_chunks_raise_only_wire_errors(data: bytes) -> None:
     try:
+        ours = decode(data, pb.UpdateHeader)
+    except WireError:
+        ours = None
+    try:
         chunk = pb.UpdateChunk.FromString(data)
     except Exception:  # protobuf's DecodeError: the bytes are not a message
         return
+    # The codec reads every message protobuf reads, and reads it the same.
+    assert ours is not None
+    assert (ours.header or pb.UpdateHeader()) == chunk.header
+    assert ours.checksum == chunk.checksum
+    assert len(ours.pieces) == len(chunk.tensors)
+    for (meta, piece_data), piece in zip(ours.pieces, chunk.tensors, strict=True):
+        meta.data = bytes(piece_data)
+        assert meta == piece
     asm = (
         Assembler(
             total_bytes=chunk.header.total_bytes, tensors=chunk.header.tensors, max_bytes=1 << 20
@@ -314,9 +358,9 @@ def test_fuzzed_chunks_raise_only_wire_errors(data: bytes) -> None:
     if asm is None:
         return
     try:
-        for piece in chunk.tensors:
-            asm.add(piece)
-        asm.finish(chunk.sha256)
+        for piece, piece_data in ours.pieces:
+            asm.add(piece, piece_data)
+        asm.finish(ours.checksum)
     except WireError:
         pass
 
