@@ -19,6 +19,7 @@ from conftest import small_config
 from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.sim import build_engine
+from fedlab.transport import server
 from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
 from fedlab.transport.codec import Assembler, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import (
@@ -557,6 +558,38 @@ def test_large_updates_are_held_in_unlinked_files_not_in_server_memory(tmp_path:
             assert where.startswith(str(spool)) and where.endswith("(deleted)"), where
         assert not _mapping_of(held[2].payload["w"].data_ptr()).startswith(str(spool))
         assert not list(spool.iterdir()), "spool files must be unlinked at once"
+    finally:
+        t.close()
+
+
+def test_clients_pulling_one_version_share_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded: list[int] = []
+
+    def counting(params: dict[str, torch.Tensor]) -> Iterator[bytes]:
+        encoded.append(len(params))
+        return encode(params, piece_bytes=64)  # many chunks to share
+
+    monkeypatch.setattr(server, "encode", counting)
+    t = serve(Policy(num_clients=4))
+    try:
+        old = {"w": torch.randn(100), "b": torch.arange(3.0)}
+        new = {"w": torch.randn(100)}
+        mine = {"w": torch.randn(100)}
+        t.submit(0, Task(1, new))
+        t.submit(1, Task(1, new))
+        t.submit(2, Task(0, old))
+        t.submit(3, Task(1, mine))  # same version, params of its own
+        for cid, params in [(0, new), (1, new), (2, old), (3, mine), (0, new)]:
+            conn = connect(t, cid)
+            got = conn.pull(1.0)
+            assert isinstance(got, Assigned)
+            assert got.task.params.keys() == params.keys()
+            assert all(torch.equal(got.task.params[k], v) for k, v in params.items())
+            conn.close()
+        # Once for the newest version, shared by both of its pulls and the repeated one; the
+        # older version and the odd params streamed without replacing it.
+        assert encoded == [1, 2, 1]
+        assert t._encoded is not None and t._encoded.params is new
     finally:
         t.close()
 

@@ -20,7 +20,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,13 @@ class _Assignment:
     config_json: str
     limit: int
     alive: float  # monotonic time of the client's last sign of life for this task
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    version: int
+    params: Params
+    chunks: list[bytes]
 
 
 class GrpcTransport:
@@ -127,6 +134,8 @@ class GrpcTransport:
         self._seen: dict[ClientId, float] = {}
         self._t0 = time.monotonic()
         self._offset = 0.0
+        self._encoded: _Encoded | None = None
+        self._encoding = threading.Lock()
         options = [
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
@@ -230,6 +239,7 @@ class GrpcTransport:
             self._cond.notify_all()
             self._cond.wait_for(self._everyone_told, self.linger)
         self._server.stop(grace=1.0).wait()
+        self._encoded = None
 
     def _everyone_told(self) -> bool:
         # Clients silent for longer than the stall timeout are gone; nobody waits for them.
@@ -307,7 +317,25 @@ class GrpcTransport:
                 tensors=len(a.params),
             )
         ).SerializeToString()
-        yield from encode(a.params)
+        yield from self._chunks(a.version, a.params)
+
+    def _chunks(self, version: int, params: Params) -> Iterable[bytes]:
+        """The serialized params of a task, encoded once for every client pulling them.
+
+        Only the newest version's params are kept encoded (about their size in memory), so
+        memory does not grow with the number of clients or versions; params of an older
+        version, or other params of the same version, are encoded chunk by chunk as they stream.
+        """
+        with self._encoding:  # a second puller waits for the first one's encoding
+            held = self._encoded
+            if held is not None and held.params is params:
+                return held.chunks
+            if held is not None and version <= held.version:
+                return encode(params)
+            self._encoded = None  # freed before its successor is built
+            chunks = list(encode(params))
+            self._encoded = _Encoded(version, params, chunks)
+            return chunks
 
     def heartbeat_from(self, client_id: ClientId, task_id: str) -> pb.HeartbeatReply:
         with self._cond:
