@@ -28,7 +28,7 @@ from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import TOKEN_HEADER
-from fedlab.transport.server import MESSAGE_LIMIT
+from fedlab.transport.server import OPTIONS
 from fedlab.types import State, Task, Update
 
 # Codes after which trying again may succeed: the server is down, restarting or overloaded.
@@ -90,10 +90,7 @@ class Connection:
         server_name: str | None = None,
     ) -> None:
         self.client_id = client_id
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
-        ]
+        options = list(OPTIONS)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if credentials is None:

@@ -41,6 +41,12 @@ MAX_WAIT = 30.0
 MESSAGE_LIMIT = 8 << 20
 """gRPC message size limit on both sides; payload pieces are a quarter of it."""
 
+OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+]
+"""gRPC options of the server and the clients' channels."""
+
 
 @dataclass
 class _Assignment:
@@ -136,13 +142,9 @@ class GrpcTransport:
         self._offset = 0.0
         self._encoded: _Encoded | None = None
         self._encoding = threading.Lock()
-        options = [
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
-        ]
         # Every waiting long-poll holds a worker thread: size the pool for the population.
         workers = min(num_clients, 1024) + 16
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
         self._server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         if credentials is None:
             self.port = self._server.add_insecure_port(address)
