@@ -1,10 +1,10 @@
 """The client half of DP-BREM: per-record clipped gradients folded into a persistent momentum.
 
-Every version a client draws one minibatch, computes per-record gradients with ``torch.func``
-(``vmap(grad(...))`` over a ``functional_call`` of the model, so the model needs no wrapping and
-no Opacus hooks), clips each to ``record_clip``, sums them, divides by the *configured* batch
-size (not the drawn one, so one record moves the mean by at most ``2 * record_clip /
-batch_size`` whatever the client's size), and updates its momentum
+Every version a client draws one minibatch, computes per-record gradients
+(:func:`fedlab.privacy.per_record_grads`: ``torch.func`` over a ``functional_call`` of the
+model, so the model needs no wrapping and no Opacus hooks), clips each to ``record_clip``, sums
+them, divides by the *configured* batch size (not the drawn one, so one record moves the mean by
+at most ``2 * record_clip / batch_size`` whatever the client's size), and updates its momentum
 ``m <- (1 - β) g + β m``. The payload is ``m`` itself, a gradient (not a delta); the momentum is
 kept in :attr:`fedlab.client.Fit.state` between versions. See :mod:`fedlab.strategies.dp_brem`.
 
@@ -13,37 +13,17 @@ Per-record gradients are undefined for BatchNorm in training mode; use models wi
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
+from fedlab import privacy
 from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatches
 from fedlab.data import ClientData
 from fedlab.types import Params, State, Task
-
-
-def clip_per_record(
-    grads: dict[str, torch.Tensor], clip: float
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scale every record's gradient (dim 0 of each entry) to norm at most ``clip``.
-
-    Returns the clipped gradients and the per-record norms before clipping.
-    """
-    first = next(iter(grads.values()))
-    sq = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
-    for g in grads.values():
-        sq += g.detach().double().reshape(g.shape[0], -1).pow(2).sum(1)
-    norms = sq.sqrt()
-    if math.isinf(clip):
-        return grads, norms
-    scale = torch.where(norms > clip, clip / norms.clamp_min(1e-300), torch.ones_like(norms))
-    out = {k: g * scale.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
-    return out, norms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +60,8 @@ class DPBREMClient(ClientAlgorithm):
                 f"got {clip}, {bs}, {beta}"
             )
         names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         buffers = {k: b.detach() for k, b in model.named_buffers()}
         old: dict[str, torch.Tensor] = dict((state or {}).get("momentum", {}))
         n = len(data)
@@ -90,23 +71,22 @@ class DPBREMClient(ClientAlgorithm):
             idx = next(minibatches(n, bs, 1, ctx.generator(task.version))).to(data.x.device)
             x, y = data.x[idx], data.y[idx]
 
-            def loss(p: dict[str, torch.Tensor], xr: torch.Tensor, yr: torch.Tensor) -> Any:
-                out = functional_call(model, (p, buffers), (xr.unsqueeze(0),))
-                return F.cross_entropy(out, yr.unsqueeze(0))
+            def forward(ts: Sequence[torch.Tensor], xr: torch.Tensor) -> torch.Tensor:
+                p = dict(zip(trainable, ts, strict=True))
+                out: torch.Tensor = functional_call(model, (p, buffers), (xr,))
+                return out
 
             model.train()
-            per = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(trainable, x, y)
-            clipped, norms = clip_per_record(per, clip)
+            per, losses, logits = privacy.per_record_grads(forward, params, x, y)
+            clipped, norms = privacy.clip_per_record(per, clip)
             # Divide by the configured B, not len(idx): the strategy's sensitivity 2R/B then
             # holds for every client, however few records it has.
-            g = {k: c.sum(0) / bs for k, c in clipped.items()}
-            with torch.no_grad():
-                out = model(x)
-                metrics = {
-                    "loss": float(F.cross_entropy(out, y)),
-                    "accuracy": float((out.argmax(1) == y).float().mean()),
-                    "clipped": float((norms > clip).double().mean()),
-                }
+            g = {k: c.sum(0) / bs for k, c in zip(trainable, clipped, strict=True)}
+            metrics = {
+                "loss": float(losses.mean()),
+                "accuracy": float((logits.argmax(1) == y).float().mean()),
+                "clipped": float((norms > clip).double().mean()),
+            }
         ref = model.state_dict()
         momentum: dict[str, torch.Tensor] = {}
         for k in names:

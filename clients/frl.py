@@ -100,14 +100,18 @@ class FRLClient(LocalSGD):
         }
         sparsity = float(self.setting(task, "sparsity"))
         model.train()
-        metrics = self.train(
+        keys = list(scores)
+        metrics, state = self.train(
             data,
             task,
             ctx,
             list(scores.values()),
-            lambda x: masked_forward(model, x, weights, scores, sparsity),
+            lambda ts, x: masked_forward(
+                model, x, weights, dict(zip(keys, ts, strict=True)), sparsity
+            ),
+            state,
         )
-        return Fit(payload=_rankings(scores), num_examples=len(data), metrics=metrics)
+        return Fit(payload=_rankings(scores), num_examples=len(data), metrics=metrics, state=state)
 
 
 def _rankings(scores: Params) -> dict[str, torch.Tensor]:

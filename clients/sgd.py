@@ -1,17 +1,29 @@
-"""Local minibatch SGD: the client half of FedAvg and of every strategy that takes deltas."""
+"""Local minibatch SGD: the client half of FedAvg and of every strategy that takes deltas.
+
+With ``dp`` set, the same loop is DP-SGD (Abadi et al., CCS 2016, as Opacus implements it):
+Poisson-sampled batches at rate ``q = L / n``, per-record gradients clipped to
+``max_grad_norm`` ``C``, ``N(0, σ²C²)`` added to their sum, divided by the expected batch size
+``L``. Each client's accountant history lives in its client state, so it persists across
+versions and resumes, and the client's ``ε`` at its ``δ`` is reported in every update's metrics.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
+from fedlab import privacy, seeding
 from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatches
 from fedlab.data import ClientData
+from fedlab.privacy import Forward
 from fedlab.types import Params, State, Task
 
 
@@ -24,6 +36,54 @@ def model_delta(model: nn.Module, start: Params) -> dict[str, torch.Tensor]:
     }
 
 
+def poisson_batches(
+    n: int, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches for ``steps`` steps, each record in each batch independently w.p. ``q``."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).squeeze(1)
+
+
+@dataclass(frozen=True)
+class _SampleDP:
+    """One task's DP-SGD settings, resolved against the client's size and stored state."""
+
+    noise_multiplier: float
+    clip: float
+    delta: float
+    expected_batch: int
+    sample_rate: float
+    poisson: bool
+    history: privacy.History
+
+    def gradient(
+        self,
+        forward: Forward,
+        params: Sequence[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        noise: torch.Generator,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+        """``(Σ clip(g_j) + N(0, σ²C²)) / L``, the per-record losses and logits, and how many
+        records were clipped."""
+        if len(x) > 0:
+            grads, losses, out = privacy.per_record_grads(forward, params, x, y)
+            clipped, norms = privacy.clip_per_record(grads, self.clip)
+            total = [g.sum(0) for g in clipped]
+            n_clipped = int((norms > self.clip).sum())
+        else:  # an empty Poisson batch still takes a (pure noise) step, as Opacus does
+            total = [torch.zeros_like(p) for p in params]
+            losses = out = torch.zeros(0, device=x.device)
+            n_clipped = 0
+        if self.noise_multiplier > 0:
+            std = self.noise_multiplier * self.clip
+            total = [
+                t + (torch.randn(t.shape, generator=noise, dtype=torch.float64) * std).to(t)
+                for t in total
+            ]
+        return [t / self.expected_batch for t in total], losses, out, n_clipped
+
+
 @dataclass(frozen=True, kw_only=True)
 class LocalSGD(ClientAlgorithm):
     """Minibatch SGD from the task's params; returns the delta ``y - x``.
@@ -34,9 +94,20 @@ class LocalSGD(ClientAlgorithm):
         lr: local learning rate.
         local_steps: SGD steps per task (used when ``local_epochs`` is 0).
         local_epochs: passes over the client's data; overrides ``local_steps`` when > 0.
-        batch_size: minibatch size; 0 means full batch.
+        batch_size: minibatch size (with ``dp``: the expected batch size ``L``); 0 means full
+            batch.
         momentum: local momentum (the buffer is reset every task).
         weight_decay: L2 penalty.
+        dp: train with DP-SGD (record-level differential privacy of this client's data).
+        noise_multiplier: DP-SGD's ``σ`` (ignored when ``target_epsilon`` is set).
+        max_grad_norm: DP-SGD's per-record clipping norm ``C``.
+        delta: the client's ``δ``; 0 means ``1 / (10 n)`` for a client with ``n`` records.
+        target_epsilon: when > 0, ``σ`` is solved at the client's first task so that
+            ``dp_versions`` tasks cost at most this ``ε`` (the client could be picked at every
+            version); ``σ`` then stays fixed in the client's state.
+        dp_versions: the versions the run plans, for ``target_epsilon``.
+        poisson: Poisson sampling (what the accountant assumes); ``False`` uses shuffled
+            fixed-size batches, for which the accounted ``ε`` is an approximation.
     """
 
     lr: float = 0.05
@@ -45,6 +116,13 @@ class LocalSGD(ClientAlgorithm):
     batch_size: int = 32
     momentum: float = 0.0
     weight_decay: float = 0.0
+    dp: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 0.0
+    target_epsilon: float = 0.0
+    dp_versions: int = 0
+    poisson: bool = True
 
     def fit(
         self,
@@ -55,9 +133,51 @@ class LocalSGD(ClientAlgorithm):
         ctx: ClientContext,
     ) -> Fit:
         model.train()
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
-        metrics = self.train(data, task, ctx, params, model)
-        return Fit(payload=model_delta(model, task.params), num_examples=len(data), metrics=metrics)
+
+        def forward(tensors: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = functional_call(model, dict(zip(names, tensors, strict=True)), (x,))
+            return out
+
+        metrics, state = self.train(data, task, ctx, params, forward, state)
+        return Fit(
+            payload=model_delta(model, task.params),
+            num_examples=len(data),
+            metrics=metrics,
+            state=state,
+        )
+
+    def _sample_dp(self, task: Task, n: int, bs: int, steps: int, state: State) -> _SampleDP:
+        """This task's DP-SGD settings; solves ``σ`` once per client for ``target_epsilon``."""
+        clip = float(self.setting(task, "max_grad_norm"))
+        delta = float(self.setting(task, "delta")) or 1 / (10 * n)
+        target = float(self.setting(task, "target_epsilon"))
+        q = min(1.0, bs / n)
+        stored = dict(state.get("dp") or {})
+        if target > 0:
+            z = stored.get("noise_multiplier")
+            if z is None:
+                versions = int(self.setting(task, "dp_versions"))
+                if versions < 1:
+                    raise ValueError("dp with target_epsilon needs dp_versions >= 1")
+                z = privacy.noise_multiplier_for(target, delta, q, versions * steps)
+        else:
+            z = float(self.setting(task, "noise_multiplier"))
+        if not (clip > 0 and z >= 0 and 0 < delta < 1) or (z > 0 and math.isinf(clip)):
+            raise ValueError(
+                f"dp needs max_grad_norm > 0 (finite with noise), noise_multiplier >= 0 and "
+                f"delta in (0, 1), got {clip}, {z}, {delta}"
+            )
+        return _SampleDP(
+            noise_multiplier=float(z),
+            clip=clip,
+            delta=delta,
+            expected_batch=bs,
+            sample_rate=q,
+            poisson=bool(self.setting(task, "poisson")),
+            history=list(stored.get("history") or []),
+        )
 
     def train(
         self,
@@ -65,17 +185,21 @@ class LocalSGD(ClientAlgorithm):
         task: Task,
         ctx: ClientContext,
         params: Sequence[torch.Tensor],
-        forward: Callable[[torch.Tensor], torch.Tensor],
-    ) -> dict[str, float]:
-        """The task's local SGD on ``params``, with ``forward(x) -> logits``, in place.
+        forward: Forward,
+        state: State | None = None,
+    ) -> tuple[dict[str, float], State | None]:
+        """The task's local SGD on ``params``, with ``forward(tensors, x) -> logits``, in place.
 
         The one local training loop: client halves that train other tensors than the model's
-        parameters (FRL's scores, Fed-SB's R) pass their own ``params`` and ``forward``.
-        Returns the mean training loss and accuracy (empty for a client without data).
+        parameters (FRL's scores, Fed-SB's R) pass their own ``params`` and ``forward``, which
+        computes with the tensors it is given in place of ``params`` (DP-SGD differentiates it
+        per record). ``state`` is the client's state: with ``dp`` its ``"dp"`` entry (noise
+        multiplier and accountant history) is updated. Returns the mean training loss and
+        accuracy (empty for a client without data) and the client's new state.
         """
         n = len(data)
         if n == 0:
-            return {}
+            return {}, state
         lr = float(self.setting(task, "lr"))
         bs = int(self.setting(task, "batch_size"))
         epochs = float(self.setting(task, "local_epochs"))
@@ -87,33 +211,69 @@ class LocalSGD(ClientAlgorithm):
         )
         momentum = float(self.setting(task, "momentum"))
         weight_decay = float(self.setting(task, "weight_decay"))
+        dp = (
+            self._sample_dp(task, n, bs_eff, steps, state or {})
+            if self.setting(task, "dp")
+            else None
+        )
+        gen = ctx.generator(task.version)
+        batches = (
+            poisson_batches(n, dp.sample_rate, steps, gen)
+            if dp is not None and dp.poisson
+            else minibatches(n, bs_eff, steps, gen)
+        )
+        noise = seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
         buffers: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=data.x.device)
         correct = torch.zeros((), device=data.x.device, dtype=torch.long)
-        seen = 0
-        for idx in minibatches(n, bs_eff, steps, ctx.generator(task.version)):
+        seen = clipped = 0
+        for idx in batches:
             idx = idx.to(data.x.device)
             x, y = data.x[idx], data.y[idx]
-            out = forward(x)
-            loss = F.cross_entropy(out, y)
-            grads = torch.autograd.grad(loss, list(params))
+            if dp is None:
+                out = forward(params, x)
+                loss = F.cross_entropy(out, y)
+                grads: Sequence[torch.Tensor] = torch.autograd.grad(loss, list(params))
+                loss_sum += loss.detach() * len(idx)
+            else:
+                grads, losses, out, c = dp.gradient(forward, params, x, y, noise)
+                loss_sum += losses.sum()
+                clipped += c
             with torch.no_grad():
                 # torch.optim.SGD's update (no dampening, no Nesterov) written out: for small
                 # models its per-step bookkeeping costs more than the arithmetic.
                 if weight_decay:
-                    grads = tuple(
+                    grads = [
                         g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=True)
-                    )
+                    ]
                 if momentum:
                     if buffers:
                         for b, g in zip(buffers, grads, strict=True):
                             b.mul_(momentum).add_(g)
                     else:
                         buffers = [g.clone() for g in grads]
-                    grads = tuple(buffers)
+                    grads = buffers
                 for p, g in zip(params, grads, strict=True):
                     p.add_(g, alpha=-lr)
-            loss_sum += loss.detach() * len(idx)
-            correct += (out.detach().argmax(1) == y).sum()
+            if len(idx):
+                correct += (out.detach().argmax(1) == y).sum()
             seen += len(idx)
-        return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
+        metrics = {
+            "loss": float(loss_sum) / max(seen, 1),
+            "accuracy": float(correct) / max(seen, 1),
+        }
+        if dp is None:
+            return metrics, state
+        history = privacy.compose(dp.history, dp.noise_multiplier, dp.sample_rate, steps)
+        metrics["clipped"] = clipped / max(seen, 1)
+        metrics["noise_multiplier"] = dp.noise_multiplier
+        # Opacus is the optional "dp" extra: without it no ε is reported, never a guess.
+        if dp.noise_multiplier > 0:
+            with contextlib.suppress(ImportError):
+                metrics["epsilon"] = privacy.epsilon(history, dp.delta)
+        record: dict[str, Any] = {
+            "noise_multiplier": dp.noise_multiplier,
+            "delta": dp.delta,
+            "history": history,
+        }
+        return metrics, {**(state or {}), "dp": record}

@@ -173,7 +173,9 @@ class ClientRuntime:
         data = self._data(client_id)
         ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
         fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
-        tctx = TransformContext(client_id=client_id, version=task.version, seed=self.seed)
+        tctx = TransformContext(
+            client_id=client_id, version=task.version, seed=self.seed, config=task.config
+        )
         payload, tstate = self.pipeline.encode(fit.payload, tctx, state.get("transforms"))
         update = Update(
             client_id=client_id,

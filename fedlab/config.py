@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BACKENDS = ("inprocess", "ray")
+DP_LEVELS = ("", "sample", "client")
+DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
@@ -75,6 +77,9 @@ class RunConfig:
     memory: str = "memory"
     min_clients: int = 1
     concurrency: int = 0
+    round_timeout: float = 0.0
+    min_updates: int = 1
+    over_selection: float = 0.0
     local_steps: int = 10
     local_epochs: float = 0.0
     lr: float = 0.1
@@ -97,11 +102,33 @@ class RunConfig:
     byzantine: float = 0.0
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
+    compress: str = ""
+    compress_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     out: str = ""
+    dp: str = ""
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 0.0
+    target_epsilon: float = 0.0
+    dp_noise: str = "central"
+    clip_norm: float = 1.0
+    adaptive_clip: bool = False
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_stddev: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive_int(self, "clients", "rounds", "workers", "eval_every", "min_clients", "threads")
+        _positive_int(
+            self,
+            "clients",
+            "rounds",
+            "workers",
+            "eval_every",
+            "min_clients",
+            "threads",
+            "min_updates",
+        )
         _non_negative(
             self,
             "local_epochs",
@@ -116,8 +143,14 @@ class RunConfig:
             "cache_mb",
             "buffer",
             "period",
+            "noise_multiplier",
+            "target_epsilon",
+            "round_timeout",
+            "over_selection",
+            "clip_lr",
+            "clip_count_stddev",
         )
-        _positive(self, "lr", "cpus_per_worker", "speed_mean")
+        _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm", "clip_norm")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.local_steps == 0 and self.local_epochs == 0:
@@ -137,16 +170,51 @@ class RunConfig:
                 "attack and byzantine go together: name an attack and a positive byzantine "
                 f"fraction, or neither (got attack {self.attack!r}, byzantine {self.byzantine})"
             )
+        if self.compress_options and not self.compress:
+            raise ConfigError("compress_options given without compress: name a codec (--compress)")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.dp not in DP_LEVELS:
+            raise ConfigError(f"dp must be one of {DP_LEVELS[1:]} (or empty), got {self.dp!r}")
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"delta must be in [0, 1) (0: the default), got {self.delta}")
+        if self.dp == "sample" and (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ConfigError(
+                "dp = 'sample' needs exactly one of noise_multiplier > 0 (a fixed sigma) or "
+                "target_epsilon > 0 (sigma solved per client for the planned versions)"
+            )
+        if self.dp == "client" and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise ConfigError(
+                "dp = 'client' needs noise_multiplier > 0, target_epsilon > 0 (z solved for the "
+                "planned versions), or both (z given, the run stops at the budget)"
+            )
+        if self.dp_noise not in DP_NOISES:
+            raise ConfigError(f"dp_noise must be one of {DP_NOISES}, got {self.dp_noise!r}")
+        if not 0 <= self.clip_quantile <= 1:
+            raise ConfigError(f"clip_quantile must be in [0, 1], got {self.clip_quantile}")
+        if self.adaptive_clip and (self.dp != "client" or self.dp_noise != "central"):
+            raise ConfigError("adaptive_clip needs dp = 'client' with dp_noise = 'central'")
 
     @property
     def task_config(self) -> dict[str, Any]:
         """Settings every task carries to the client."""
-        return {
+        config: dict[str, Any] = {
             "lr": self.lr,
             "local_steps": self.local_steps,
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
         }
+        if self.dp == "sample":
+            config.update(
+                dp=True,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                delta=self.delta,
+                target_epsilon=self.target_epsilon,
+                dp_versions=self.rounds,
+            )
+        return config
 
     def fingerprint(self) -> str:
         """A hash of every key that changes the numbers the run produces."""

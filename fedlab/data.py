@@ -16,7 +16,7 @@ import functools
 import importlib
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,12 +27,13 @@ from torch import nn
 
 from fedlab import seeding
 from fedlab.registry import load_dotted
-from fedlab.types import Params
+from fedlab.types import Params, Task
 
 __all__ = [
     "PARTITIONS",
     "WORKLOADS",
     "ClientData",
+    "PublicSample",
     "Workload",
     "load_dotted",
     "make_workload",
@@ -45,7 +46,13 @@ PARTITIONS: tuple[str, ...] = ("natural", "iid", "dirichlet", "shards", "lognorm
 user's ``load_client``); the others split a central data set (``iid`` on synthetic is LEAF's
 Synthetic-IID)."""
 
-DEFAULT_PARTITION = {"synthetic": "iid", "digits": "iid", "wls": "natural", "custom": "natural"}
+DEFAULT_PARTITION = {
+    "synthetic": "iid",
+    "digits": "iid",
+    "digits-shift": "iid",
+    "wls": "natural",
+    "custom": "natural",
+}
 
 # Stream purposes. They are part of the data definition: changing one changes every
 # client's data for every seed. Kept clear of fedlab.seeding's small purpose numbers.
@@ -62,6 +69,7 @@ _P_LOGNORMAL = 110
 _P_LABEL_SWAP = 111
 _P_WLS_TRUE = 112
 _P_WLS_CLIENT = 113
+_P_PRETRAIN = 114
 
 # Below this many examples per client a disjoint split is too thin to train on, so clients
 # instead sample this many examples from the shared pool (see ``_DigitsWorkload``).
@@ -116,6 +124,23 @@ class ClientData:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class PublicSample:
+    """Labelled examples the *server* may use, disjoint from every client's data.
+
+    A workload that has such a split offers it as ``public_data() -> ClientData``; the
+    simulator pairs it with a fresh model of the workload for strategies that initialise from
+    data (Fed-SB's gradient initialization), so that no client's private data is read.
+
+    Attributes:
+        model: a module of the workload's architecture (its values are overridden by params).
+        data: the public examples.
+    """
+
+    model: nn.Module
+    data: ClientData
 
 
 class Workload(Protocol):
@@ -286,6 +311,41 @@ class _SyntheticWorkload:
 
 # --------------------------------------------------------------------------- digits
 
+# digits-shift: the server's public sample of the target task (Fed-SB's gradient init).
+SHIFT_PUBLIC_EXAMPLES = 64
+# Central pretraining on the source task: SGD with momentum, seconds on one CPU core.
+PRETRAIN_CONFIG = {"lr": 0.1, "local_epochs": 30.0, "batch_size": 32, "momentum": 0.9}
+_PRETRAINED: dict[tuple[int, str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
+
+
+def pretrain(
+    model: nn.Module,
+    data: ClientData,
+    seed: int,
+    config: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train ``model`` centrally on ``data`` with the one local training loop; its state.
+
+    ``config`` holds the loop's settings (``lr``, ``local_epochs``, ``batch_size``,
+    ``momentum``...; default ``PRETRAIN_CONFIG``). Deterministic for a seed: the batches come
+    from the ``(seed, pretrain)`` stream and the loop runs single-threaded (thread count changes
+    float sums), the caller's setting restored.
+    """
+    # Imported here: fedlab.client and the client halves import this module.
+    from fedlab.client import ClientContext
+    from fedlab.clients.sgd import LocalSGD
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctx = ClientContext(client_id=0, seed=seeding.derive(seed, _P_PRETRAIN))
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        task = Task(version=0, params=start, config=dict(config or PRETRAIN_CONFIG))
+        LocalSGD().fit(model, data, task, None, ctx)  # trains ``model`` in place
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
 
 @functools.cache
 def _digits_arrays() -> tuple[npt.NDArray[np.float32], _IntArray]:
@@ -361,6 +421,14 @@ class _DigitsWorkload:
       from the whole pool.
 
     Features are ``(n, 1, 8, 8)`` for the CNN and for user models, ``(n, 64)`` for the MLP.
+
+    With ``shift`` (``digits-shift``) the training split is cut in three, by the seed: the
+    first third is the *source* task (upright digits) on which ``make_model`` pretrains the
+    model centrally (cached per process), the next ``SHIFT_PUBLIC_EXAMPLES`` are the server's
+    public sample, and the rest is partitioned among clients. Clients, the public sample and
+    the test set see the *target* task: the same digits turned 90 degrees counter-clockwise.
+    ``split`` maps each part (``test``, ``clients``, and with ``shift`` ``source`` and
+    ``public``) to its indices into scikit-learn's digits.
     """
 
     def __init__(
@@ -375,8 +443,10 @@ class _DigitsWorkload:
         model: Callable[[], nn.Module],
         flat_features: bool,
         label_swap: float = 0.0,
+        shift: bool = False,
+        model_name: str = "",
     ) -> None:
-        self.name = "digits"
+        self.name = "digits-shift" if shift else "digits"
         self.num_clients = num_clients
         self.num_classes = _DIGITS_CLASSES
         self.seed = seed
@@ -385,13 +455,30 @@ class _DigitsWorkload:
         self._shards_per_client = shards_per_client
         self._sigma = sigma
         self._model = model
+        self._model_name = model_name
         self._label_swap = label_swap
+        self._shift = shift
 
         x_all, y_all = _digits_arrays()
         perm = _rng(seed, _P_DIGITS_SPLIT).permutation(len(y_all))
         n_test = len(y_all) // 5
         test_idx, train_idx = perm[:n_test], perm[n_test:]
         shape = (-1, 64) if flat_features else (-1, 1, 8, 8)
+        self._shape = shape
+        if shift:
+            # Source task (upright, pretraining only), the server's public sample and the
+            # clients' pool are disjoint slices of the training split; clients, the public
+            # sample and the test set see the target task (digits turned 90 degrees).
+            n_source = len(train_idx) // 3
+            public_end = n_source + SHIFT_PUBLIC_EXAMPLES
+            self._source_idx = train_idx[:n_source]
+            self._public_idx = train_idx[n_source:public_end]
+            train_idx = train_idx[public_end:]
+        self.split = {"test": test_idx, "clients": train_idx}
+        if shift:
+            self.split.update(source=self._source_idx, public=self._public_idx)
+            x_all = np.ascontiguousarray(np.rot90(x_all.reshape(-1, 8, 8), 1, axes=(1, 2)))
+            x_all = x_all.reshape(-1, 64)
         self._x_train = torch.from_numpy(x_all[train_idx]).reshape(shape)
         self._y_train_np: _IntArray = y_all[train_idx]
         self._y_train = torch.from_numpy(self._y_train_np)
@@ -415,7 +502,33 @@ class _DigitsWorkload:
             self._group_first_shard = np.concatenate([[0], np.cumsum(per_group)])
 
     def make_model(self) -> nn.Module:
-        return _seeded_model(self.seed, self._model)
+        model = _seeded_model(self.seed, self._model)
+        if self._shift:
+            model.load_state_dict(self._pretrained())
+        return model
+
+    def _pretrained(self) -> dict[str, torch.Tensor]:
+        key = (self.seed, self._model_name, tuple(self._shape))
+        if key not in _PRETRAINED:
+            x_all, y_all = _digits_arrays()
+            source = ClientData(
+                torch.from_numpy(x_all[self._source_idx]).reshape(self._shape),
+                torch.from_numpy(y_all[self._source_idx]),
+            )
+            _PRETRAINED[key] = pretrain(_seeded_model(self.seed, self._model), source, self.seed)
+        return _PRETRAINED[key]
+
+    def public_data(self) -> ClientData:
+        """The server's public sample of the target task (``digits-shift`` only): examples
+        disjoint from every client's data, from the pretraining set and from the test set."""
+        if not self._shift:
+            raise ValueError("workload 'digits' has no public sample; 'digits-shift' has one")
+        x_all, y_all = _digits_arrays()
+        x = np.rot90(x_all.reshape(-1, 8, 8), 1, axes=(1, 2))[self._public_idx]
+        return ClientData(
+            torch.from_numpy(np.ascontiguousarray(x)).reshape(self._shape),
+            torch.from_numpy(y_all[self._public_idx]),
+        )
 
     def test_data(self) -> ClientData:
         return self._test
@@ -725,7 +838,10 @@ def make_workload(
     """Build a workload whose client data is generated lazily from ``(seed, client_id)``.
 
     Args:
-        name: one of ``WORKLOADS``; with ``data`` any other label (conventionally
+        name: one of ``WORKLOADS``, ``"digits-shift"`` (digits turned 90 degrees, with a
+            model pretrained centrally on upright digits: the fine-tuning demonstration; it
+            also has a public sample, ``public_data()``) or ``"wls"``; with ``data`` any
+            other label (conventionally
             ``"custom"``) names the user's workload.
         num_clients: number of clients, at least 1. Costs no memory per client.
         seed: non-negative seed that fixes data, partition and model initialisation.
@@ -783,7 +899,7 @@ def make_workload(
         raise ValueError(f"label_swap applies to the digits workload only, not {name!r}")
 
     if data is not None:
-        if name in (*WORKLOADS, "wls"):
+        if name in (*WORKLOADS, "digits-shift", "wls"):
             raise ValueError(
                 f"data={data!r} supplies a custom workload, but name={name!r} is a built-in "
                 "workload; pass name='custom' (--workload custom)"
@@ -804,10 +920,17 @@ def make_workload(
         if model != "default" or partition != "natural":
             raise ValueError("workload 'wls' has one model (linear) and one split (natural)")
         return _WLSWorkload(num_clients=num_clients, seed=seed)
-    if name not in WORKLOADS:
-        raise _unknown("workload", name, (*WORKLOADS, "wls"))
+    shift = name == "digits-shift"
+    if shift:
+        # Kept out of WORKLOADS like wls: the pretrain-then-fine-tune demonstration (digits
+        # turned 90 degrees, the model pretrained centrally on upright digits).
+        name = "digits"
+    elif name not in WORKLOADS:
+        raise _unknown("workload", name, (*WORKLOADS, "digits-shift", "wls"))
 
     builtins = _MODELS[name]
+    if shift and model == "default":
+        model = "mlp"
     if ":" in model:
         factory = _load_model_factory(model)
     elif model == "default":
@@ -847,4 +970,6 @@ def make_workload(
         model=factory,
         flat_features=model == "mlp",
         label_swap=label_swap,
+        shift=shift,
+        model_name=model,
     )

@@ -20,7 +20,7 @@ from fedlab import seeding, tensorio
 from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
-from fedlab.transforms import Pipeline, TransformContext
+from fedlab.transforms import Pipeline, TransformContext, payload_bytes
 from fedlab.transport import Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
 
@@ -60,6 +60,10 @@ class _VersionLog:
     rejected: int = 0
     failed: int = 0
     reasons: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # every update received, rejected ones included: they were sent
+    bytes_down: int = 0  # the params of every task handed out
+    decoded_bytes: int = 0  # received bytes of the updates that decoded...
+    decoded_entries: int = 0  # ...and the entries they decoded to
 
 
 class Engine:
@@ -77,6 +81,9 @@ class Engine:
         round_timeout: seconds a synchronous version waits before aggregating what it has
             (``None``: wait for every client).
         min_updates: fewest updates a timed-out synchronous version aggregates with.
+        over_selection: a synchronous version (with the server sampling) tasks this extra
+            share of clients and aggregates as soon as the planned number answered; the late
+            ones are dropped as stale.
         pipeline: the update transforms, decoded here in reverse.
         run_dir: where checkpoints go (``None``: no checkpoints).
         fingerprint: identifies the run configuration; a checkpoint with another one is refused.
@@ -102,6 +109,7 @@ class Engine:
         concurrency: int | None = None,
         round_timeout: float | None = None,
         min_updates: int = 1,
+        over_selection: float = 0.0,
         pipeline: Pipeline | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         fingerprint: str = "",
@@ -123,6 +131,9 @@ class Engine:
         self.concurrency = min(self.num_clients, concurrency or self.slots)
         self.round_timeout = round_timeout
         self.min_updates = min_updates
+        if over_selection < 0:
+            raise ValueError(f"over_selection must be >= 0, got {over_selection}")
+        self.over_selection = over_selection
         self.pipeline = pipeline or Pipeline()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.fingerprint = fingerprint
@@ -219,8 +230,13 @@ class Engine:
         if isinstance(trigger, Buffer):
             return len(self.buffer) >= trigger.k
         if isinstance(trigger, EveryRound):
+            if self._filled and self._over_selected() and len(self.buffer) >= self.slots:
+                return True
             return self._filled and not self._pending
         return False
+
+    def _over_selected(self) -> bool:
+        return self.over_selection > 0 and self._available is None
 
     def _fill(self, trigger: object) -> None:
         available = self.participation.participants(self.version)
@@ -228,6 +244,8 @@ class Engine:
         if isinstance(trigger, EveryRound):
             # A participation model that decides participants sends a task to each of them.
             free = self.slots if available is None else len(available)
+            if self._over_selected():
+                free = math.ceil(self.slots * (1 + self.over_selection))
         else:
             free = self.concurrency - len(self.inflight)
         free = min(free, self.num_clients - len(self.inflight))
@@ -257,6 +275,7 @@ class Engine:
         self.inflight[cid] = task.version
         self._inflight_config[cid] = task.config
         self._task_params.setdefault(task.version, task.params)
+        self._log.bytes_down += payload_bytes(task.params)
         if isinstance(self.strategy.trigger, EveryRound):
             self._pending.add(cid)
         self.transport.submit(cid, task)
@@ -273,6 +292,7 @@ class Engine:
 
     def _receive(self, update: Update) -> None:
         self.counters.received += 1
+        self._log.bytes_up += payload_bytes(update.payload)
         cid = update.client_id
         expected = self.inflight.get(cid)
         if expected is None:
@@ -293,6 +313,8 @@ class Engine:
         try:
             ctx = TransformContext(client_id=cid, version=update.version, seed=self.seed)
             payload = self.pipeline.decode(update.payload, ctx)
+            self._log.decoded_bytes += payload_bytes(update.payload)
+            self._log.decoded_entries += sum(t.numel() for t in payload.values())
             decoded = Update(
                 client_id=cid,
                 version=update.version,
@@ -380,7 +402,19 @@ class Engine:
                 row[f"train_{k}"] = num / den
         if updates:
             row["staleness"] = sum(self.version - 1 - u.version for u in updates) / len(updates)
+        # Record-level DP: each client reports its own ε; the worst one is what a user asks.
+        eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
+        if eps:
+            row["client_epsilon_max"] = max(eps)
+            row["client_epsilon_mean"] = sum(eps) / len(eps)
         row["examples"] = n
+        row["bytes_up"] = self._log.bytes_up
+        row["bytes_down"] = self._log.bytes_down
+        if self._log.decoded_bytes:
+            # 32 bits per entry (float32) over the bits actually received.
+            row["compression_ratio"] = (
+                32 * self._log.decoded_entries / (8 * self._log.decoded_bytes)
+            )
         row.update({f"strategy_{k}": float(v) for k, v in dict(metrics).items()})
         if self._log.reasons:
             row["reject_reasons"] = list(self._log.reasons)

@@ -38,6 +38,7 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "admm-wls": "fedlab.strategies.admm_wls:ADMMWLS",
         "dp-brem": "fedlab.strategies.dp_brem:DPBREM",
         "fed-sb": "fedlab.strategies.fed_sb:FedSB",
+        "fedit": "fedlab.strategies.fedit:FedIT",
     },
     "clients": {
         "sgd": "fedlab.clients.sgd:LocalSGD",
@@ -45,8 +46,14 @@ BUILTIN: dict[Group, dict[str, str]] = {
         "admm-wls": "fedlab.clients.admm_wls:ADMMClient",
         "dp-brem": "fedlab.clients.dp_brem:DPBREMClient",
         "fed-sb": "fedlab.clients.fed_sb:FedSBClient",
+        "fedit": "fedlab.clients.fedit:FedITClient",
     },
-    "transforms": {},
+    "transforms": {
+        "fedzip": "fedlab.clients.fedzip:FedZip",
+        "float16": "fedlab.clients.codecs:Float16",
+        "int8": "fedlab.clients.codecs:Int8",
+        "topk": "fedlab.clients.codecs:TopK",
+    },
 }
 
 _registered: dict[Group, dict[str, Any]] = {g: {} for g in GROUPS}

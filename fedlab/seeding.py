@@ -8,6 +8,9 @@ checkpoints hold no generator state beyond the run seed.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -23,6 +26,19 @@ def derive(*keys: int) -> int:
     """A 63-bit seed derived from non-negative integer keys."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def params_key(params: Mapping[str, torch.Tensor]) -> int:
+    """A 63-bit stream key digested from a model's tensors (names and values).
+
+    Strategies that draw model-sized randomness from the initial model (FRL's weights, LoRA's
+    ``A``) key it by this: the initial model is itself a function of the run seed.
+    """
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().cpu().contiguous().numpy().tobytes())
+    return derive(int.from_bytes(h.digest()[:7], "little"))
 
 
 def numpy_rng(*keys: int) -> np.random.Generator:

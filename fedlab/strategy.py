@@ -65,6 +65,10 @@ class Strategy:
     """
 
     client: ClassVar[str] = "sgd"
+    delta_aggregation: ClassVar[str] = ""
+    """How ``aggregate`` combines delta payloads: ``"linear"`` (a data-independent weighted
+    combination, so client-level DP may hand it one noisy mean in place of every update),
+    ``"robust"`` (deltas, combined non-linearly) or ``""`` (the payload is not a delta)."""
 
     @property
     def trigger(self) -> Trigger:

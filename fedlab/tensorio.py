@@ -20,7 +20,8 @@ import torch
 
 MAGIC = b"FEDLAB\x00\x01"
 _DIGEST = 32
-_DTYPES: dict[str, torch.dtype] = {
+# The dtypes a file (or the wire) may carry, by name without "torch.".
+DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (
         torch.float64,
@@ -136,7 +137,7 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
 
 def _tensor(area: bytearray, meta: Any) -> torch.Tensor:
     try:
-        dtype = _DTYPES[meta["dtype"]]
+        dtype = DTYPES[meta["dtype"]]
         shape = [int(s) for s in meta["shape"]]
         offset, nbytes = int(meta["offset"]), int(meta["nbytes"])
     except (KeyError, TypeError, ValueError) as e:

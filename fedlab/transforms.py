@@ -7,19 +7,30 @@ simulated client sends is byte-for-byte what a deployed one would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from fedlab.types import ClientId, Params, State
 
 
+def payload_bytes(payload: Params) -> int:
+    """Bytes of the tensors in ``payload`` as they travel (names and framing not counted)."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
 @dataclass(frozen=True)
 class TransformContext:
-    """Whose update is being transformed; transforms derive randomness from it."""
+    """Whose update is being transformed; transforms derive randomness from it.
+
+    ``config`` is the task's config on the client (a server-chosen setting such as an adaptive
+    clipping norm reaches a transform this way); it is empty on the server.
+    """
 
     client_id: ClientId
     version: int
     seed: int
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class UpdateTransform:

@@ -20,6 +20,7 @@ __all__ = [
     "FedAvg",
     "FedBuff",
     "FedFix",
+    "FedIT",
     "FedSB",
     "FedStale",
     "FedVARP",

@@ -43,22 +43,11 @@ from typing import ClassVar
 
 import torch
 
-from fedlab import optim, seeding
+from fedlab import optim, privacy, seeding
 from fedlab.strategy import EveryRound, Strategy, Trigger, floating
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
-__all__ = ["DPBREM", "dp_epsilon"]
-
-_NOISE = 0x4450  # the seeding stream of the server's Gaussian noise
-
-
-def dp_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
-    """``ε`` of ``steps`` Gaussian mechanisms of noise multiplier ``z`` (Opacus RDP, rate 1)."""
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, 1.0, steps)]
-    return float(acc.get_epsilon(delta))
+__all__ = ["DPBREM"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,7 +188,7 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
         steps = int(state["steps"])
         if self.noise_multiplier > 0:
             std = self.noise_multiplier * max(bounds[str(u.client_id)] for u in chosen)
-            gen = seeding.torch_generator(round.seed, _NOISE)
+            gen = seeding.torch_generator(round.seed, privacy.NOISE)
             for name in sorted(total):
                 noise = torch.randn(total[name].shape, generator=gen, dtype=torch.float64)
                 total[name].add_((noise * std).to(total[name].dtype))
@@ -207,7 +196,8 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
             metrics["noise_std"] = std
             # Opacus is the optional "dp" extra: without it no ε is reported, never a guess.
             with contextlib.suppress(ImportError):
-                metrics["epsilon"] = dp_epsilon(self.noise_multiplier, steps, self.delta)
+                history = [[self.noise_multiplier, 1.0, float(steps)]]
+                metrics["epsilon"] = privacy.epsilon(history, self.delta)
         v = {name: center[name] + total[name] / k for name in center}
         opt = self.optimizer
         direction, opt_state = opt.direction(

@@ -6,56 +6,43 @@ Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning
 
 Every ``nn.Linear`` weight ``W0`` (``out x in``) whose layer name fully matches ``target``
 becomes ``W = W0 + B R A`` (scale ``alpha / r = 1``) with ``B`` (``out x r``) and ``A``
-(``r x in``) frozen and shared by every client, and ``R`` (``r x r``) the only trainable tensor.
-Clients upload ``R_i``; the server averages them. Because ``B`` and ``A`` are shared and frozen,
-``B mean(R_i) A = mean(B R_i A)``: the aggregate is exactly the average of the clients' full
-weight updates (ALGORITHMS.md §7).
+(``r x in``) frozen and shared by every client, and ``R`` (``r x r``) the only trainable tensor
+besides an optional head. Clients upload ``R_i``; the server averages them. Because ``B`` and
+``A`` are shared and frozen, ``B mean(R_i) A = mean(B R_i A)``: the aggregate is exactly the
+average of the clients' full weight updates (ALGORITHMS.md §7). The adapter plumbing shared with
+FedIT is :mod:`fedlab.lora`.
 
-Initialization (differs from the paper, on purpose): the paper takes ``B, A`` from the rank-``r``
-SVD of an approximated first update ``-eta sign(G)``, where ``G`` is a gradient on training
-examples; computed on client data without noise, that leaks private data (ALGORITHMS.md §7,
-[BUG/privacy]), and the strategy contract's ``init`` sees no data. We use the data-free variant
-of the LoRA-SB code (``find_and_initialize``, weight SVD): ``B`` and ``A`` are the top-``r``
-left and right singular vectors of ``W0`` (so ``B^T B = I`` and ``A A^T = I``), and ``R0 = 0``,
-so the run starts exactly at the initial model. No client data is touched before training.
+Initialization, ``initialization`` option:
 
-Layers are found from the params alone: a layer is adapted when its ``*.weight`` entry is a
-floating 2-D tensor (``nn.Linear``; Conv2d weights are 4-D). ``W0`` is the initial model and is
-never trained; biases and other entries keep their initial values. The engine's params are the
-effective model ``W0 + B R A``, so the ordinary evaluator runs unchanged.
+* ``"weights"`` (default): the data-free variant of the LoRA-SB code (``find_and_initialize``,
+  weight SVD): ``B`` and ``A`` are the top-``r`` left and right singular vectors of ``W0`` and
+  ``R0 = 0``, so the run starts exactly at the initial model. No data is touched.
+* ``"gradient"``: the paper's "update approximation". ``G`` is the gradient of the loss summed
+  over batches of ``init_batch_size`` of the first ``init_samples`` examples of the workload's
+  *public* sample, ``dW = -init_lr * sign(G)``, and from the rank-``r`` SVD ``dW^T = U S V^T``,
+  ``A = U^T``, ``B = V``, ``R0 = S``: the run starts at ``W0 + trunc_r(dW)``. The paper computes
+  ``G`` on private training examples without noise, which leaks them (ALGORITHMS.md §7,
+  [BUG/privacy]); here it never sees client data: the simulator hands the strategy a public
+  sample that the workload keeps disjoint from every client's data (``public`` below), and a
+  workload without one is refused. The SVD is exact (float64), not the paper's randomized
+  ``svd_lowrank``, so the init is deterministic.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
-from fedlab.strategy import Strategy, UpdateRejected, weighted_mean
-from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
+from fedlab.data import PublicSample
+from fedlab.lora import LoRAStrategy
+from fedlab.types import Params
 
-WEIGHTINGS = ("examples", "uniform")
-# Task-param keys of the adapter tensors; ``/`` never occurs in a module's state-dict names.
-B_KEY = "fed_sb.B/"
-A_KEY = "fed_sb.A/"
-R_KEY = "fed_sb.R/"
-
-
-def adapted(params: Params, target: str = ".*") -> list[str]:
-    """Weight names of the adapted layers: floating 2-D ``*.weight`` entries whose layer name
-    (the key without ``.weight``) fully matches the regex ``target``, in state order."""
-    pattern = re.compile(target)
-    return [
-        k
-        for k, v in params.items()
-        if k.endswith(".weight")
-        and v.is_floating_point()
-        and v.dim() == 2
-        and pattern.fullmatch(k[: -len(".weight")]) is not None
-    ]
+INITIALIZATIONS = ("weights", "gradient")
 
 
 def weight_svd_init(w0: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,106 +53,109 @@ def weight_svd_init(w0: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return u[:, :rank].to(w0.dtype).contiguous(), vh[:rank].to(w0.dtype).contiguous()
 
 
-def effective(w0: torch.Tensor, b: torch.Tensor, r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``W0 + B R A`` (scale 1)."""
-    return w0 + b @ r @ a
+def update_svd_init(
+    delta: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, R0, A)`` with ``B R0 A`` the best rank-``rank`` approximation of ``delta``.
+
+    As the LoRA-SB code: ``delta^T = U S V^T``, ``A = U^T``, ``B = V``, ``R0 = diag(S)``, so
+    ``B^T B = I`` and ``A A^T = I``. Exact SVD in float64.
+    """
+    u, s, vh = torch.linalg.svd(delta.detach().double().T, full_matrices=False)
+    b, r0, a = vh[:rank].T, torch.diag(s[:rank]), u[:, :rank].T
+    return tuple(t.to(delta.dtype).contiguous() for t in (b, r0, a))  # type: ignore[return-value]
+
+
+def public_gradient(
+    public: PublicSample, params: Params, names: Sequence[str], samples: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """``G = sum over batches of grad(mean batch loss)`` for ``names``, on the first ``samples``
+    public examples (cross-entropy, the loss of the local training loop)."""
+    n = min(samples, len(public.data))
+    if n < 1:
+        raise ValueError("the public sample is empty: gradient initialization needs examples")
+    weights = {k: params[k].detach().clone().requires_grad_(True) for k in names}
+    rest = {k: v.detach() for k, v in params.items() if k not in weights}
+    grads = {k: torch.zeros_like(w) for k, w in weights.items()}
+    public.model.eval()  # dropout off: the gradient of the model the clients start from
+    for start in range(0, n, batch_size):
+        x = public.data.x[start : min(start + batch_size, n)]
+        y = public.data.y[start : min(start + batch_size, n)]
+        out = functional_call(public.model, {**rest, **weights}, (x,))
+        loss = F.cross_entropy(out, y)
+        for k, g in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
+            grads[k] += g
+    return grads
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedSB(Strategy):
-    """Fed-SB: clients train the LoRA-SB core ``R`` per layer; the server averages ``R``.
+class FedSB(LoRAStrategy):
+    """Fed-SB: clients train the LoRA-SB core ``R`` per layer (and the head); the server
+    averages them.
 
     Args:
         rank: ``r``, the adapter rank; each adapted layer sends ``r^2`` numbers (the paper: 200
             for 7B LLMs, which no small model here has room for).
         target: regex that the adapted layers' names must fully match (default: every Linear).
+        head: regex of layers trained in full and averaged (the paper's classifier head).
         weighting: ``"examples"`` (``n_i / sum n_j``) or ``"uniform"`` (the reference's mean).
+        initialization: ``"weights"`` (SVD of ``W0``) or ``"gradient"`` (SVD of the
+            approximated first update on the public sample).
+        init_samples: public examples the gradient is accumulated on (paper: 50 to 550).
+        init_batch_size: examples per batch of that accumulation (the paper's ``eg_bs``).
+        init_lr: ``eta`` of ``dW = -eta * sign(G)``.
+        public: the public sample and model for ``"gradient"``; the simulator sets it from the
+            workload (``build_engine``), never from client data.
     """
 
     client: ClassVar[str] = "fed-sb"
+    factors: ClassVar[tuple[str, ...]] = ("b", "a", "r")
+    trained: ClassVar[tuple[str, ...]] = ("r",)
 
-    rank: int = 4
-    target: str = ".*"
-    weighting: str = "examples"
+    initialization: str = "weights"
+    init_samples: int = 64
+    init_batch_size: int = 16
+    init_lr: float = 0.001
+    public: PublicSample | None = None
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        try:
-            re.compile(self.target)
-        except re.error as e:
-            raise ValueError(f"target is not a valid regex: {e}") from e
+        super().__post_init__()
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(
+                f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}"
+            )
+        if self.init_samples < 1 or self.init_batch_size < 1:
+            raise ValueError("init_samples and init_batch_size must be >= 1")
+        if not self.init_lr > 0:
+            raise ValueError(f"init_lr must be positive, got {self.init_lr}")
+        if self.public is not None and not isinstance(self.public, PublicSample):
+            raise ValueError("public is set by the simulator from the workload's public sample")
 
-    def init(self, params: Params) -> State:
-        layers = adapted(params, self.target)
-        if not layers:
-            raise ValueError(f"Fed-SB found no nn.Linear layer whose name matches {self.target!r}")
+    @property
+    def needs_public_data(self) -> bool:
+        """True while gradient initialization still waits for the workload's public sample."""
+        return self.initialization == "gradient" and self.public is None
+
+    def init_factors(
+        self, params: Params, layers: Sequence[str]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        if self.initialization == "weights":
+            factors: dict[str, dict[str, torch.Tensor]] = {"b": {}, "a": {}, "r": {}}
+            for name in layers:
+                b, a = weight_svd_init(params[name], self.rank)
+                factors["b"][name], factors["a"][name] = b, a
+                factors["r"][name] = torch.zeros(self.rank, self.rank, dtype=b.dtype)
+            return factors
+        if self.public is None:
+            raise ValueError(
+                "initialization 'gradient' needs a public sample: run it on a workload that "
+                "has one (e.g. digits-shift), or pass public=PublicSample(...)"
+            )
+        grads = public_gradient(
+            self.public, params, layers, self.init_samples, self.init_batch_size
+        )
+        factors = {"b": {}, "a": {}, "r": {}}
         for name in layers:
-            if self.rank > min(params[name].shape):
-                raise ValueError(
-                    f"rank {self.rank} exceeds min(out, in) = {min(params[name].shape)} "
-                    f"of layer {name!r}"
-                )
-        state: dict[str, dict[str, torch.Tensor]] = {"w0": {}, "b": {}, "a": {}, "r": {}}
-        for name in layers:
-            w0 = params[name].detach().clone()
-            b, a = weight_svd_init(w0, self.rank)
-            state["w0"][name] = w0
-            state["b"][name] = b
-            state["a"][name] = a
-            state["r"][name] = torch.zeros(self.rank, self.rank, dtype=w0.dtype)
-        return state
-
-    def model_params(self, state: State, params: Params) -> dict[str, torch.Tensor]:
-        """The global model the evaluator sees: ``W0 + B R A`` on adapted layers."""
-        out = dict(params)
-        for name, w0 in state["w0"].items():
-            out[name] = effective(w0, state["b"][name], state["r"][name], state["a"][name])
-        return out
-
-    def configure(self, state: State, params: Params, round: Round) -> dict[ClientId, Task]:
-        tasks = super().configure(state, params, round)
-        # The model entries carry the frozen base W0 (not the effective weights); B, A and R
-        # ride along under keys no module has. In deployment B and A would be sent once.
-        sent = dict(params)
-        for name, w0 in state["w0"].items():
-            sent[name] = w0
-            sent[B_KEY + name] = state["b"][name]
-            sent[A_KEY + name] = state["a"][name]
-            sent[R_KEY + name] = state["r"][name]
-        return {c: Task(version=t.version, params=sent, config=t.config) for c, t in tasks.items()}
-
-    def validate(self, update: Update, params: Params) -> None:
-        what = f"update from client {update.client_id}"
-        # ``params`` are the engine's (effective) params: same names, shapes and dtypes as W0.
-        layers = adapted(params, self.target)
-        if set(update.payload) != set(layers):
-            raise UpdateRejected(f"{what}: expected an R for exactly {sorted(layers)}")
-        for name in layers:
-            got, dtype = update.payload[name], params[name].dtype
-            shape = (self.rank, self.rank)
-            if not isinstance(got, torch.Tensor) or got.shape != shape or got.dtype != dtype:
-                raise UpdateRejected(f"{what}: {name!r} must be a {dtype} tensor of shape {shape}")
-            if not bool(torch.isfinite(got).all()):
-                raise UpdateRejected(f"{what}: {name!r} contains NaN or Inf")
-
-    def aggregate(
-        self, state: State, params: Params, updates: Sequence[Update], round: Round
-    ) -> tuple[Params, State, Metrics]:
-        if not updates:
-            return self.model_params(state, params), state, {}
-        weights = [float(u.num_examples) for u in updates]
-        if self.weighting == "uniform" or sum(weights) <= 0:
-            weights = [1.0] * len(updates)
-        r_mean = weighted_mean(updates, weights)
-        new_state = {**state, "r": {name: r_mean[name] for name in state["r"]}}
-        sent = sum(r.numel() * r.element_size() for r in state["r"].values())
-        # What FedAvg would upload for the same layers: their full weight matrices.
-        full = sum(w.numel() * w.element_size() for w in state["w0"].values())
-        metrics = {
-            "upload_bytes": float(sent * len(updates)),
-            "fedavg_upload_bytes": float(full * len(updates)),
-        }
-        return self.model_params(new_state, params), new_state, metrics
+            b, r0, a = update_svd_init(-self.init_lr * torch.sign(grads[name]), self.rank)
+            factors["b"][name], factors["r"][name], factors["a"][name] = b, r0, a
+        return factors

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -150,6 +151,8 @@ class FedAU(Strategy):
         server_lr: ``eta_g``.
     """
 
+    delta_aggregation: ClassVar[str] = "linear"
+
     weighting: str = "adaptive"
     cutoff: int = 0
     server_lr: float = 1.0
@@ -205,6 +208,8 @@ class KnownProbability(Strategy):
         probabilities: ``p_n`` for every client ``0 .. N-1``, each in ``(0, 1]``.
         server_lr: ``eta_g``.
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     probabilities: tuple[float, ...] | None = None
     server_lr: float = 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fedlab import optim
 from fedlab.strategy import Strategy, weighted_mean
@@ -31,6 +32,8 @@ class FedAvg(optim.ServerOptimizerOptions, Strategy):
         server_beta2: Adam's second-moment decay.
         server_eps: Adam's ``eps`` (FedOpt's ``tau``).
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     weighting: str = "examples"
 

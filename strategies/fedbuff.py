@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -100,6 +101,8 @@ class FedBuff(optim.ServerOptimizerOptions, Strategy):
         server_beta2: Adam's second-moment decay.
         server_eps: Adam's ``eps``.
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     buffer: int = 10
     staleness: str = "polynomial"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -69,6 +70,8 @@ class FedFix(Strategy):
         weighting: ``"uniform"`` or ``"examples"`` (``p_i``).
         server_lr: ``eta_g`` (1 in the paper's experiments).
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     period: float = 1.0
     weighting: str = "uniform"
@@ -137,6 +140,8 @@ class FedAsync(Strategy):
         hinge_b: the hinge's staleness threshold.
         max_staleness: drop updates staler than this (``None``: keep all).
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     server_lr: float = 1.0
     weighting: str = "identical"

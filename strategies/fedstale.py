@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -58,6 +59,8 @@ class FedStale(Strategy):
         cutoff: FedAU's ``K`` for the estimator: a run of ``K`` absences counts as an
             interval of ``K``; 0 (default) is no cutoff, as in FedAU.
     """
+
+    delta_aggregation: ClassVar[str] = "linear"
 
     beta: float = 0.5
     server_lr: float = 1.0

@@ -24,7 +24,6 @@ them. It travels to clients in the task config (``frl_key``), like the paper's o
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,15 +52,6 @@ def maskable(params: Params) -> list[str]:
 def bias_name(weight: str) -> str:
     """The bias entry that belongs to the layer of ``weight``."""
     return weight[: -len("weight")] + "bias"
-
-
-def key_of(params: Params) -> int:
-    """A 63-bit stream key digested from the initial model (a function of the run seed)."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        h.update(name.encode())
-        h.update(params[name].detach().cpu().contiguous().numpy().tobytes())
-    return seeding.derive(int.from_bytes(h.digest()[:7], "little"))
 
 
 def signed_constant(key: int, index: int, shape: torch.Size) -> torch.Tensor:
@@ -137,7 +127,7 @@ class FRL(Strategy):
             raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
 
     def init(self, params: Params) -> State:
-        key = key_of(params)
+        key = seeding.params_key(params)
         layers = maskable(params)
         if not layers:
             raise ValueError("FRL needs a model with at least one nn.Linear or nn.Conv2d layer")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -43,6 +44,8 @@ def _flat(updates: Sequence[Update]) -> torch.Tensor:
 @dataclass(frozen=True, kw_only=True)
 class _Robust(optim.ServerOptimizerOptions, Strategy):
     """A robust combination of deltas followed by the server optimizer step."""
+
+    delta_aggregation: ClassVar[str] = "robust"
 
     def __post_init__(self) -> None:
         self.optimizer  # noqa: B018  (builds it, so a bad hyperparameter fails here)

@@ -104,6 +104,23 @@ def test_every_simulate_flag_is_in_cli_md() -> None:
     assert not missing, f"the `fedlab simulate` section of cli.md lacks flags {missing}"
 
 
+def _flags(command: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    p = sub.choices[command]  # type: ignore[index]
+    return {s for a in p._actions for s in a.option_strings if s.startswith("--")}
+
+
+@pytest.mark.parametrize("command", ["server", "client", "certs"])
+def test_every_deployment_flag_is_in_its_cli_md_section(command: str) -> None:
+    # The run flags the server and client share with simulate are documented there once.
+    own = _flags(command) - _flags("simulate")
+    assert own, f"`fedlab {command}` has no flags of its own"
+    body = _section(CLI, f"fedlab {command}")
+    missing = [f for f in sorted(own) if not re.search(rf"`{re.escape(f)}[` ]", body)]
+    assert not missing, f"the `fedlab {command}` section of cli.md lacks flags {missing}"
+
+
 def test_every_subcommand_has_a_section_in_cli_md() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -48,6 +48,25 @@ def test_sync_versions_have_the_sampled_number_of_updates() -> None:
     assert all(r["staleness"] == 0 for r in rows)
 
 
+def test_over_selection_aggregates_once_the_planned_number_answered() -> None:
+    config = small_config(clients=30, fraction=0.2, over_selection=0.5, speed_spread=1.0)
+    engine, rows = run(config, 3)
+    # 9 clients get a task, the version closes at the 6th answer; stragglers come back
+    # during later versions, are dropped as stale, and are busy until then.
+    assert [r["updates"] for r in rows] == [6, 6, 6]
+    assert engine.counters.stale_dropped > 0
+    assert all(r["staleness"] == 0 for r in rows)
+
+
+def test_round_timeout_aggregates_what_arrived_on_the_virtual_clock() -> None:
+    slow = small_config(clients=30, fraction=0.2, speed_spread=1.5)
+    _, waited = run(slow, 2)
+    config = slow.replace(round_timeout=1.0, min_updates=2)
+    _, cut = run(config, 2)
+    assert all(2 <= r["updates"] < 6 for r in cut), [r["updates"] for r in cut]
+    assert cut[-1]["time"] < waited[-1]["time"]
+
+
 def test_buffer_trigger_aggregates_every_k_with_staleness() -> None:
     config = small_config(strategy="test-buffered", strategy_options={"k": 2}, concurrency=5)
     _, rows = run(config, 6)

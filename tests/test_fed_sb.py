@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from conftest import assert_resume_bit_identical
 from fedlab import registry
 from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
+from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
+from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, effective
 from fedlab.sim import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
-from fedlab.strategies.fed_sb import A_KEY, B_KEY, R_KEY, adapted
+from fedlab.strategies.fed_sb import public_gradient
 from fedlab.strategy import UpdateRejected
 from fedlab.types import Round, Update
 
@@ -46,7 +50,7 @@ def test_exactness_mean_of_full_updates_equals_update_of_mean_r() -> None:
         {k: torch.randn(3, 3, generator=_gen(10 * i + j)) for j, k in enumerate(state["r"])}
         for i in range(4)
     ]
-    ups = [_update(r, cid=i) for i, r in enumerate(rs)]
+    ups = [_update({R_KEY + k: v for k, v in r.items()}, cid=i) for i, r in enumerate(rs)]
     for u in ups:
         fed.validate(u, PARAMS)
     params, new_state, metrics = fed.aggregate(state, PARAMS, ups, RND)
@@ -61,14 +65,15 @@ def test_exactness_mean_of_full_updates_equals_update_of_mean_r() -> None:
     assert torch.equal(params["fc1.bias"], PARAMS["fc1.bias"])
     # Only R travels: r^2 floats per adapted layer, against the full matrices for FedAvg.
     assert metrics["upload_bytes"] == 4 * 2 * 9 * len(ups)
-    assert metrics["fedavg_upload_bytes"] == 4 * (12 * 9 + 5 * 12) * len(ups)
+    assert metrics["download_bytes"] == metrics["upload_bytes"]
+    assert metrics["fedavg_upload_bytes"] == 4 * (12 * 9 + 12 + 5 * 12 + 5) * len(ups)
 
 
 def test_example_weighting() -> None:
     fed = FedSB(rank=2)
     state = fed.init(PARAMS)
-    r1 = {k: torch.ones(2, 2) for k in state["r"]}
-    r2 = {k: torch.zeros(2, 2) for k in state["r"]}
+    r1 = {R_KEY + k: torch.ones(2, 2) for k in state["r"]}
+    r2 = {R_KEY + k: torch.zeros(2, 2) for k in state["r"]}
     _, new_state, _ = fed.aggregate(state, PARAMS, [_update(r1, 0, 30), _update(r2, 1, 10)], RND)
     for r in new_state["r"].values():
         torch.testing.assert_close(r, torch.full((2, 2), 0.75))
@@ -97,6 +102,9 @@ def test_init_is_orthonormal_weight_svd_and_starts_at_the_initial_model() -> Non
 def test_target_regex_and_options() -> None:
     assert adapted(PARAMS) == ["fc1.weight", "fc2.weight"]
     assert adapted(PARAMS, "fc2") == ["fc2.weight"]
+    # A head is trained in full and never adapted, whatever target says.
+    assert adapted(PARAMS, ".*", head="fc2") == ["fc1.weight"]
+    assert list(FedSB(head="fc2").init(PARAMS)["r"]) == ["fc1.weight"]
     assert list(FedSB(target="fc1").init(PARAMS)["r"]) == ["fc1.weight"]
     with pytest.raises(ValueError):
         FedSB(target="nothing").init(PARAMS)
@@ -108,18 +116,24 @@ def test_target_regex_and_options() -> None:
         FedSB(weighting="median")
     with pytest.raises(ValueError):
         FedSB(target="(")
+    with pytest.raises(ValueError):
+        FedSB(head="[")
+    with pytest.raises(ValueError):
+        FedSB(initialization="random")
 
 
 def test_validation_rejects_wrong_shapes_names_and_non_finite() -> None:
     fed = FedSB(rank=2)
-    good = {"fc1.weight": torch.zeros(2, 2), "fc2.weight": torch.zeros(2, 2)}
+    r1, r2 = R_KEY + "fc1.weight", R_KEY + "fc2.weight"
+    good = {r1: torch.zeros(2, 2), r2: torch.zeros(2, 2)}
     fed.validate(_update(good), PARAMS)
     bad = [
-        {"fc1.weight": torch.zeros(2, 2)},
-        {**good, "fc2.weight": torch.zeros(3, 3)},
-        {**good, "fc2.weight": torch.zeros(2, 2, dtype=torch.float64)},
-        {**good, "fc1.weight": torch.tensor([[0.0, float("nan")], [0.0, 0.0]])},
+        {r1: torch.zeros(2, 2)},
+        {**good, r2: torch.zeros(3, 3)},
+        {**good, r2: torch.zeros(2, 2, dtype=torch.float64)},
+        {**good, r1: torch.tensor([[0.0, float("nan")], [0.0, 0.0]])},
         {**good, "fc1.bias": torch.zeros(12)},
+        {"fc1.weight": torch.zeros(2, 2), "fc2.weight": torch.zeros(2, 2)},
     ]
     for payload in bad:
         with pytest.raises(UpdateRejected):
@@ -155,7 +169,7 @@ def test_clients_train_only_r_and_only_r_travels() -> None:
     runtime = build_runtime(config)
     update, _ = runtime.run(0, tasks[0], None)
     fed.validate(update, engine.params)
-    assert set(update.payload) == {"0.weight", "2.weight"}
+    assert set(update.payload) == {R_KEY + "0.weight", R_KEY + "2.weight"}
     assert sum(r.numel() for r in update.payload.values()) == 2 * 4**2
     assert any(update.payload[k].any() for k in update.payload)  # R moved from R0 = 0
     for k, v in before.items():
@@ -193,10 +207,150 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_cli_simulate_exits_zero(tmp_path: Path) -> None:
-    args = ["simulate", "--strategy", "fed-sb", "--workload", "digits", "--model", "mlp"]
+    args = ["simulate", "--strategy", "fed-sb", "--workload", "digits-shift"]
+    args += ["--strategy-opt", "initialization=gradient", "--strategy-opt", "head=2"]
     args += ["--clients", "10", "--fraction", "1.0", "--rounds", "2", "--no-progress"]
     args += ["--out", str(tmp_path / "run")]
     proc = subprocess.run(
         [sys.executable, "-m", "fedlab", *args], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- pretrain-then-fine-tune
+
+
+def _shift(**changes: object) -> RunConfig:
+    return _digits(workload="digits-shift", model="default", lr=1.0, **changes)
+
+
+def test_digits_shift_parts_are_disjoint_and_the_backbone_is_pretrained() -> None:
+    workload = build_workload(_shift())
+    assert isinstance(workload, _DigitsWorkload)
+    parts = {k: set(v.tolist()) for k, v in workload.split.items()}
+    assert set(parts) == {"test", "clients", "source", "public"}
+    for a in parts:
+        for b in parts:
+            assert a == b or not parts[a] & parts[b], (a, b)
+    public = workload.public_data()
+    assert len(public) == SHIFT_PUBLIC_EXAMPLES
+    # Deterministic from the seed; pretrained on upright digits, which the shift defeats.
+    model = workload.make_model()
+    again = build_workload(_shift()).make_model()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    upright = Evaluator(build_workload(_digits(workload="digits"))).evaluate(model.state_dict())
+    shifted = Evaluator(workload).evaluate(model.state_dict())
+    assert upright["accuracy"] > 0.9 and shifted["accuracy"] < 0.3
+    with pytest.raises(ValueError, match="public sample"):
+        build_workload(_digits()).public_data()  # type: ignore[attr-defined]
+
+
+def test_gradient_init_is_the_best_rank_r_approximation_of_the_sign_update() -> None:
+    """(b) B R0 A = trunc_r(-eta sign(G)) with G on the public sample (Eckart-Young),
+    B^T B = I, A A^T = I; (f) every client receives the same B and A (hashes)."""
+    config = _shift(strategy_options={"rank": 4, "initialization": "gradient", "init_lr": 0.01})
+    workload = build_workload(config)
+    engine = build_engine(config, workload=workload)
+    fed = engine.strategy
+    assert isinstance(fed, FedSB) and fed.public is not None
+    assert torch.equal(fed.public.data.x, workload.public_data().x)  # never client data
+    grads = public_gradient(fed.public, engine.params, list(engine.state["r"]), 64, 16)
+    for name, g in grads.items():
+        b, r0, a = (engine.state[f][name].double() for f in ("b", "r", "a"))
+        delta = -0.01 * torch.sign(g).double()
+        s = torch.linalg.svdvals(delta)
+        residual = float(torch.linalg.matrix_norm(delta - b @ r0 @ a) ** 2)
+        assert residual == pytest.approx(float((s[4:] ** 2).sum()), rel=1e-4)
+        torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.diag(r0), s[:4], atol=1e-6, rtol=1e-5)
+    rnd = Round(version=0, time=0.0, num_clients=10, slots=10)
+    tasks = fed.configure(engine.state, engine.params, rnd)
+    digests = {
+        hashlib.sha256(
+            b"".join(
+                t.params[k].numpy().tobytes()
+                for k in sorted(t.params)
+                if k.startswith((B_KEY, A_KEY))
+            )
+        ).hexdigest()
+        for t in tasks.values()
+    }
+    assert len(tasks) == 10 and len(digests) == 1
+    # The run starts at W0 + trunc_r(dW), not at W0.
+    assert not torch.equal(
+        fed.model_params(engine.state, engine.params)["0.weight"], engine.params["0.weight"]
+    )
+
+
+def test_gradient_init_only_r_and_head_train() -> None:
+    """(c) The payload (what was trained) is one r x r core per adapted layer plus the head."""
+    opts = {"rank": 4, "initialization": "gradient", "head": "2"}
+    config = _shift(clients=4, strategy_options=opts)
+    engine = build_engine(config)
+    rnd = Round(version=0, time=0.0, num_clients=4, slots=4)
+    task = engine.strategy.configure(engine.state, engine.params, rnd)[0]
+    update, _ = build_runtime(config).run(0, task, None)
+    assert set(update.payload) == {R_KEY + "0.weight", "2.weight", "2.bias"}
+    assert update.payload[R_KEY + "0.weight"].numel() == 4**2
+
+
+def test_gradient_init_refuses_a_workload_without_public_data() -> None:
+    with pytest.raises(ValueError, match="public sample"):
+        build_engine(_digits(strategy_options={"initialization": "gradient"}))
+    with pytest.raises(ValueError, match="public sample"):
+        FedSB(initialization="gradient").init(PARAMS)
+
+
+def test_fine_tuning_the_pretrained_backbone_recovers_the_shifted_task() -> None:
+    config = _shift(rounds=4, strategy_options={"rank": 8, "initialization": "gradient"})
+    workload = build_workload(config)
+    engine = build_engine(config, workload=workload)
+    engine.run(4)
+    # Measured 0.109 -> 0.694 after 4 versions (0.877 after 20).
+    assert Evaluator(workload).evaluate(engine.params)["accuracy"] > 0.6
+
+
+def test_adapter_forward_is_w0_x_plus_b_r_a_x() -> None:
+    """(d) The adapted layer computes ``W0 x + B (R (A x))`` (+ bias), as the client runs it."""
+    layer = torch.nn.Linear(9, 12)
+    g = _gen(7)
+    b, r, a = (
+        torch.randn(12, 3, generator=g),
+        torch.randn(3, 3, generator=g),
+        torch.randn(3, 9, generator=g),
+    )
+    x = torch.randn(5, 9, generator=g)
+    out = functional_call(layer, {"weight": effective(layer.weight, b, a, r)}, (x,))
+    expected = x @ layer.weight.T + ((x @ a.T) @ r.T) @ b.T + layer.bias
+    torch.testing.assert_close(out, expected)
+
+
+def test_private_variant_is_dp_sgd_on_r_and_head_with_delta_below_one_over_n() -> None:
+    """--dp sample: DP-SGD on exactly R and the head; delta < 1/n_i (records, not batches);
+    epsilon reported per update and per version; the init reads only public data."""
+    pytest.importorskip("opacus")
+    opts = {"rank": 4, "initialization": "gradient", "head": "2"}
+    config = _shift(clients=4, rounds=1, strategy_options=opts).replace(
+        dp="sample", noise_multiplier=1.0, max_grad_norm=1.0, batch_size=16
+    )
+    workload = build_workload(config)
+    rows: list[dict[str, object]] = []
+
+    class Rows:
+        def on_version(self, engine: object, row: dict[str, object]) -> None:
+            rows.append(row)
+
+    engine = build_engine(config, workload=workload, callbacks=[Rows()])
+    rnd = Round(version=0, time=0.0, num_clients=4, slots=4)
+    task = engine.strategy.configure(engine.state, engine.params, rnd)[0]
+    task = type(task)(task.version, task.params, {**config.task_config, **task.config})
+    update, state = build_runtime(config, workload).run(0, task, None)
+    assert set(update.payload) == {R_KEY + "0.weight", "2.weight", "2.bias"}
+    record = state["client"]["dp"]
+    n = len(workload.client_data(0))
+    assert record["delta"] < 1 / n and record["delta"] == pytest.approx(1 / (10 * n))
+    assert 0 < update.metrics["epsilon"] < float("inf")
+    engine.run(1)
+    assert 0 < float(rows[-1]["client_epsilon_max"]) < float("inf")  # type: ignore[arg-type]

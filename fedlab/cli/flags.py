@@ -13,8 +13,14 @@ HELP = {
     "rounds": "versions (aggregations) to run",
     "strategy": "aggregation strategy name (see `fedlab strategies`) or pkg.mod:Class",
     "client": "client half name or pkg.mod:Class (default: the strategy's own)",
-    "workload": "built-in workload: synthetic or digits (or 'custom' with --data)",
-    "model": "model: default, logreg/mlp (synthetic), cnn/mlp (digits), or pkg.mod:Net",
+    "workload": (
+        "built-in workload: synthetic, digits or digits-shift (pretrained, then fine-tuned on "
+        "turned digits) (or 'custom' with --data)"
+    ),
+    "model": (
+        "model: default, logreg/mlp (synthetic), cnn/mlp (digits; mlp is digits-shift's "
+        "default), or pkg.mod:Net"
+    ),
     "data": "pkg.mod:load_client, the user's per-client data function",
     "partition": "natural, iid, dirichlet, shards or lognormal (empty: the workload's default)",
     "label_swap": "digits: share of labels swapped (0<->1 on even clients, 8<->9 on odd)",
@@ -29,6 +35,11 @@ HELP = {
     "memory": "where the server keeps per-client state: memory, or disk (in the run directory)",
     "min_clients": "fewest clients per version",
     "concurrency": "clients in flight for asynchronous strategies (0: from --fraction)",
+    "round_timeout": "seconds a synchronous version waits before aggregating what arrived "
+    "(0: wait for every client); simulated seconds in simulation, wall seconds when deployed",
+    "min_updates": "fewest updates a synchronous version aggregates once --round-timeout passed",
+    "over_selection": "extra share of clients given a synchronous task; the version aggregates "
+    "as soon as the planned number answered (0.2: select 20%% more)",
     "local_steps": "local SGD steps per task",
     "local_epochs": "local epochs per task (overrides --local-steps when > 0)",
     "lr": "client learning rate",
@@ -53,8 +64,24 @@ HELP = {
     "byzantine": "share of clients that are malicious, in [0, 0.5) (needs --attack)",
     "attack": "attack of the malicious clients: sign-flip, scaling, gaussian, alie, ipm, "
     "min-max, label-flip, reversed-ranking, or pkg.mod:Class",
+    "compress": "codec applied to every client update: fedzip, float16, int8, topk, or "
+    "pkg.mod:Class (empty: none)",
     "eval_every": "evaluate the global model every N versions",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
+    "dp": "differential privacy: sample (DP-SGD on every client's records), client "
+    "(DP-FedAvg: clipped updates plus noise); empty: none",
+    "noise_multiplier": "DP noise multiplier (noise std over the clipping norm)",
+    "max_grad_norm": "DP-SGD per-record gradient clipping norm C (--dp sample)",
+    "delta": "DP delta (0: 1/(10 n) per client for --dp sample, 1/(10 clients) for --dp client)",
+    "target_epsilon": "DP budget: --dp sample solves each client's sigma for it; --dp client "
+    "solves z for it when --noise-multiplier is 0, and stops the run before exceeding it",
+    "dp_noise": "--dp client: central (the server adds noise to the sum) or local (each client)",
+    "clip_norm": "--dp client: the update clipping norm S (the initial one with --adaptive-clip)",
+    "adaptive_clip": "--dp client (central): adapt S to the --clip-quantile of update norms",
+    "clip_quantile": "adaptive clipping's target quantile of the update norms",
+    "clip_lr": "adaptive clipping's geometric step size",
+    "clip_count_stddev": "adaptive clipping's noise std on the count of unclipped updates "
+    "(0: updates per version / 20)",
 }
 
 
@@ -66,6 +93,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
             continue  # option tables get KEY=VALUE flags below
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{HELP.get(f.name, '')} (default: {f.default!r})",
+            )
+            continue
         parser.add_argument(
             flag,
             type=kind,
@@ -101,6 +136,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="an attack option, e.g. factor=1e5 (repeatable)",
     )
+    parser.add_argument(
+        "--compress-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a codec option, e.g. z=0.05 or error_feedback=true (repeatable)",
+    )
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,6 +159,8 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
         out["participation_options"] = dict(parse_option(o) for o in args.participation_opt)
     if getattr(args, "attack_opt", None):
         out["attack_options"] = dict(parse_option(o) for o in args.attack_opt)
+    if getattr(args, "compress_opt", None):
+        out["compress_options"] = dict(parse_option(o) for o in args.compress_opt)
     return out
 
 
@@ -124,7 +168,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the TOML file, then flags; option tables merge key by key."""
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     flags = given_flags(args)
-    for table in ("strategy_options", "client_options", "participation_options", "attack_options"):
+    for table in (
+        "strategy_options",
+        "client_options",
+        "participation_options",
+        "attack_options",
+        "compress_options",
+    ):
         if table in flags:
             flags[table] = {**values.get(table, {}), **flags[table]}
     return from_mapping({**values, **flags})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.cli.flags import add_run_flags, given_flags, resolve_config
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
 from fedlab.engine import CHECKPOINT, Engine
+from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.sim import build_engine, build_workload
+from fedlab.transport import Transport
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +53,11 @@ def _default_out(config: RunConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) a simulation; write the run directory; print the final table."""
+    return execute(args, prepare_config(args), command="simulate")
+
+
+def prepare_config(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration: from a saved run on ``--resume``, else flags and TOML."""
     if args.resume:
         config = _resume_config(args)
     else:
@@ -62,13 +70,33 @@ def run(args: argparse.Namespace) -> int:
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
             "or choose another --out"
         )
+    return config
+
+
+def execute(
+    args: argparse.Namespace,
+    config: RunConfig,
+    *,
+    command: str,
+    transport: Transport | None = None,
+    ready: Callable[[Engine], None] | None = None,
+) -> int:
+    """Run ``config`` to its last version over ``transport`` (default: the simulation).
+
+    Shared by ``fedlab simulate`` and ``fedlab server``: the run directory, checkpoints,
+    resume, evaluation, metrics and the summary are the same whatever carries the tasks.
+    ``ready`` is called with the engine just before the first version runs.
+    """
+    run_dir = Path(config.out)
     workload = build_workload(config)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     evaluator = Evaluator(
         workload, every=config.eval_every, final=config.rounds, device=config.device
     )
     callbacks: list[Any] = [evaluator, metrics]
-    engine = build_engine(config, run_dir=run_dir, callbacks=callbacks, workload=workload)
+    engine = build_engine(
+        config, run_dir=run_dir, callbacks=callbacks, workload=workload, transport=transport
+    )
     if args.resume:
         engine.resume()
         for w in engine.resume_warnings:
@@ -79,37 +107,58 @@ def run(args: argparse.Namespace) -> int:
         (run_dir / "config.toml").write_text(config.to_toml())
         engine.save_checkpoint()
     (run_dir / "config.toml").write_text(config.to_toml())
-    progress = None if args.no_progress else ProgressBar(config.rounds, start=engine.version)
+    progress = (
+        None
+        if args.no_progress
+        else ProgressBar(config.rounds, start=engine.version, description=command)
+    )
     if progress is not None:
         engine.callbacks.append(progress)
+    stopped = ""
     try:
+        if ready is not None:
+            ready(engine)
         engine.run(config.rounds)
     except KeyboardInterrupt:
         print(
             f"stopped at version {engine.version}; continue with: "
-            f"fedlab simulate --resume {run_dir}"
+            f"fedlab {command} --resume {run_dir}"
         )
         raise
+    except PrivacyBudgetExhausted as e:
+        # A clean stop: the checkpoint of the last released version is the final model.
+        stopped = str(e)
     finally:
         if progress is not None:
             progress.close()
         engine.transport.close()
     final = evaluator.evaluate(engine.params)
-    summary = _summary(engine, config, final)
+    summary = _summary(engine, config, final, command)
+    if stopped:
+        summary["stopped"] = stopped
+        print(
+            f"fedlab: privacy budget spent: {stopped}. The checkpoint at version "
+            f"{engine.version} is intact; resuming it stops here again, because "
+            "target_epsilon is part of the run's configuration and cannot change on resume. "
+            "To train further, start a new run with a budget that covers it."
+        )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tensorio.save(run_dir / "model.fl", dict(engine.params))
-    _print_table(summary, run_dir)
+    _print_table(summary, run_dir, command)
     return 0
 
 
-def _summary(engine: Engine, config: RunConfig, final: dict[str, float]) -> dict[str, Any]:
+def _summary(
+    engine: Engine, config: RunConfig, final: dict[str, float], command: str
+) -> dict[str, Any]:
+    clock = "simulated_time" if command == "simulate" else "transport_time"
     return {
         "strategy": config.strategy,
         "workload": config.workload,
         "clients": config.clients,
         "versions": engine.version,
         **final,  # accuracy and loss, or a workload's own metrics (wls: msd, msd_db)
-        "simulated_time": engine.transport.now(),
+        clock: engine.transport.now(),
         "wall_seconds": engine.state_dict()["wall"],
         "updates_received": engine.counters.received,
         "updates_rejected": engine.counters.rejected,
@@ -117,11 +166,11 @@ def _summary(engine: Engine, config: RunConfig, final: dict[str, float]) -> dict
     }
 
 
-def _print_table(summary: dict[str, Any], run_dir: Path) -> None:
+def _print_table(summary: dict[str, Any], run_dir: Path, command: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fedlab simulate: {run_dir}")
+    table = Table(title=f"fedlab {command}: {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():

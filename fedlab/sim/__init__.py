@@ -7,8 +7,10 @@ timing, sampling and results are the same for every backend and worker count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,17 +18,28 @@ from fedlab import registry
 from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
-from fedlab.data import Workload, make_workload
+from fedlab.data import PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, SimTransport
 from fedlab.store import ClientStore, MemoryStore
-from fedlab.strategy import Strategy
-from fedlab.transforms import Pipeline
+from fedlab.strategy import Buffer, Strategy
+from fedlab.transforms import Pipeline, UpdateTransform
+from fedlab.transport import Transport
 
-__all__ = ["SimTransport", "SpeedModel", "build_engine", "build_runtime", "build_workload"]
+if TYPE_CHECKING:
+    from fedlab.strategies.dp_fedavg import DPFedAvg
+
+__all__ = [
+    "SimTransport",
+    "SpeedModel",
+    "build_engine",
+    "build_pipeline",
+    "build_runtime",
+    "build_workload",
+]
 
 
 def build_workload(config: RunConfig) -> Workload:
@@ -63,9 +76,18 @@ def build_strategy(config: RunConfig) -> Strategy:
 
 def build_algorithm(config: RunConfig, strategy: Strategy) -> ClientAlgorithm:
     """The client half: ``config.client`` or the strategy's paired client."""
-    algorithm = registry.create("clients", config.client or strategy.client, config.client_options)
+    name = config.client or strategy.client
+    algorithm: object = registry.create("clients", name, config.client_options)
     if not isinstance(algorithm, ClientAlgorithm):
-        raise ValueError(f"{config.client or strategy.client!r} is not a fedlab ClientAlgorithm")
+        raise ValueError(f"{name!r} is not a fedlab ClientAlgorithm")
+    if config.dp == "sample":
+        from fedlab.clients.sgd import LocalSGD
+
+        if not isinstance(algorithm, LocalSGD):
+            raise ValueError(
+                f"dp = 'sample' trains with DP-SGD inside LocalSGD.train; client {name!r} does "
+                "not train with it, so its records would not be protected"
+            )
     return algorithm
 
 
@@ -85,10 +107,68 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
     return ClientRuntime(
         workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
-        pipeline=Pipeline(),
+        pipeline=build_pipeline(config),
         seed=config.seed,
         device=config.device,
         cache_mb=config.cache_mb,
+    )
+
+
+def build_pipeline(config: RunConfig) -> Pipeline:
+    """The update transforms of ``config``, in the order clients apply them; the server
+    decodes in reverse, so both halves must be built from the same configuration.
+
+    Client-level DP clips (and, with local noise, noises) first: the codec after it encodes
+    an update that is already private.
+    """
+    transforms: list[UpdateTransform] = []
+    if config.dp == "client":
+        from fedlab.clients.dp_fedavg import ClipUpdate
+
+        local = config.dp_noise == "local"
+        transforms.append(
+            ClipUpdate(
+                clip_norm=config.clip_norm,
+                noise_multiplier=client_dp(config, build_strategy(config)).noise_multiplier
+                if local
+                else 0.0,
+                local=local,
+                send_norm=config.adaptive_clip,
+            )
+        )
+    if config.compress:
+        codec = registry.create("transforms", config.compress, config.compress_options)
+        if not isinstance(codec, UpdateTransform):
+            raise ValueError(f"{config.compress!r} is not a fedlab UpdateTransform")
+        transforms.append(codec)
+    return Pipeline(tuple(transforms))
+
+
+def client_dp(config: RunConfig, strategy: Strategy) -> DPFedAvg:
+    """``strategy`` wrapped in client-level DP as ``config`` asks (``config.dp == "client"``)."""
+    from fedlab.strategies.dp_fedavg import DPFedAvg
+
+    trigger = strategy.trigger
+    per_version = (
+        trigger.k
+        if isinstance(trigger, Buffer)
+        else min(
+            config.clients, max(config.min_clients, math.ceil(config.fraction * config.clients))
+        )
+    )
+    return DPFedAvg(
+        inner=strategy,
+        noise=config.dp_noise,
+        noise_multiplier=config.noise_multiplier,
+        clip_norm=config.clip_norm,
+        delta=config.delta or 1 / (10 * config.clients),
+        target_epsilon=config.target_epsilon,
+        versions=config.rounds,
+        sample_rate=per_version / config.clients,
+        adaptive=config.adaptive_clip,
+        target_quantile=config.clip_quantile,
+        clip_lr=config.clip_lr,
+        count_stddev=config.clip_count_stddev,
     )
 
 
@@ -112,18 +192,8 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
     return InProcessExecutor(build_runtime(config, workload))
 
 
-def build_engine(
-    config: RunConfig,
-    *,
-    run_dir: str | Path | None = None,
-    callbacks: Sequence[Callback] = (),
-    workload: Workload | None = None,
-) -> Engine:
-    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run."""
-    workload = workload or build_workload(config)
-    strategy = build_strategy(config)
-    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
-    adversary = build_attack(config)  # and on a bad attack
+def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
+    """The virtual-clock transport in front of ``config``'s backend."""
     speeds = SpeedModel(
         distribution=config.speed,
         mean=config.speed_mean,
@@ -137,12 +207,34 @@ def build_engine(
         spread=config.latency_spread,
         seed=config.seed,
     )
-    transport = SimTransport(
+    return SimTransport(
         executor=build_executor(config, workload),
         num_clients=config.clients,
         speeds=speeds,
         latency=latency,
     )
+
+
+def build_engine(
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    workload: Workload | None = None,
+    transport: Transport | None = None,
+) -> Engine:
+    """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run.
+
+    ``transport`` (default: a simulation over the virtual clock) is where tasks go: the
+    deployed server passes its gRPC transport, and nothing else changes.
+    """
+    workload = workload or build_workload(config)
+    strategy = build_strategy(config)
+    build_algorithm(config, strategy)  # fail on a bad client name before starting workers
+    adversary = build_attack(config)  # and on a bad attack
+    pipeline = build_pipeline(config)  # and on a bad codec or codec option
+    if transport is None:
+        transport = build_transport(config, workload)
     params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
     participation = build_participation(
         config.participation,
@@ -164,6 +256,21 @@ def build_engine(
         strategy = dataclasses.replace(  # type: ignore[call-arg]
             strategy, probabilities=tuple(float(p) for p in probabilities)
         )
+    if getattr(strategy, "needs_public_data", False):
+        # The one place server-side data reaches a strategy (Fed-SB's gradient init): the
+        # workload's public sample, disjoint from every client's data, never client data.
+        public = getattr(workload, "public_data", None)
+        if not callable(public):
+            raise ValueError(
+                f"strategy {config.strategy!r} needs a public sample (gradient "
+                f"initialization), and workload {config.workload!r} has none; use a workload "
+                "with one (digits-shift) or initialization='weights'"
+            )
+        strategy = dataclasses.replace(  # type: ignore[call-arg]
+            strategy, public=PublicSample(model=workload.make_model(), data=public())
+        )
+    if config.dp == "client":
+        strategy = client_dp(config, strategy)
     return Engine(
         strategy=strategy,
         transport=transport,
@@ -172,6 +279,9 @@ def build_engine(
         fraction=config.fraction,
         min_clients=config.min_clients,
         concurrency=config.concurrency or None,
+        round_timeout=config.round_timeout or None,
+        min_updates=config.min_updates,
+        over_selection=config.over_selection,
         run_dir=run_dir,
         fingerprint=config.fingerprint(),
         callbacks=callbacks,
@@ -179,6 +289,7 @@ def build_engine(
         participation=participation,
         memory=build_memory(config, run_dir),
         adversary=adversary,
+        pipeline=pipeline,
     )
 
 

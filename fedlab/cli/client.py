@@ -1,0 +1,145 @@
+"""``fedlab client``: train tasks from a ``fedlab server`` until its run is finished.
+
+The client learns the run's configuration from the server when it joins; the workload flags
+given here override it (the client's own data and model, its device). A dotted path to code
+(``--model pkg.mod:Net``) is only ever taken from this command line, never from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlab.cli.flags import add_run_flags, given_flags
+from fedlab.config import ConfigError, from_mapping, load_toml
+
+if TYPE_CHECKING:
+    from fedlab.client import ClientRuntime
+    from fedlab.transport.client import Joined
+
+CODE_KEYS = ("strategy", "client", "model", "data", "workload")
+# Simulated attacks are the server's test device; a deployed client never poisons itself.
+NOT_FROM_SERVER = ("byzantine", "attack", "attack_options", "out", "device", "threads")
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the subcommand."""
+    p = sub.add_parser(
+        "client",
+        help="train for a `fedlab server` over gRPC",
+        description="Join a `fedlab server`, train the tasks it hands out and push the updates "
+        "back until the run is finished. Run flags override the configuration the server "
+        "sends (built-in workloads use partition number --client-id).",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    p.add_argument("--client-id", required=True, type=int, metavar="ID", help="this client's id")
+    p.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="directory with ca.pem (and client-ID.pem/.key for mutual TLS)",
+    )
+    p.add_argument("--insecure", action="store_true", help="plaintext; only to a loopback address")
+    p.add_argument("--token", metavar="TOKEN", help="this client's token")
+    p.add_argument("--token-file", metavar="FILE", help="read this client's token from FILE")
+    p.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name to expect in the server's certificate (default: the host of --server)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where this client keeps its state between tasks (default: in memory)",
+    )
+    p.add_argument(
+        "--give-up",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="exit after this long without reaching the server (default: 300)",
+    )
+    add_run_flags(p)
+    p.set_defaults(func=run)
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the first GPU when one is present, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runtime_builder(local: dict[str, Any]) -> Callable[[Joined], ClientRuntime]:
+    """Build the runtime from the server's configuration overridden by ``local`` settings."""
+
+    def build(joined: Joined) -> ClientRuntime:
+        import tomllib
+
+        from fedlab.sim import build_runtime
+
+        try:
+            server = tomllib.loads(joined.config_toml)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"the server sent a configuration that is not TOML: {e}") from e
+        for key in CODE_KEYS:
+            value = server.get(key)
+            if isinstance(value, str) and ":" in value and key not in local:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(
+                    f"the server's run names code {value!r} for {key}; this client runs "
+                    f"only code it was told to: pass {flag} {value} to accept it"
+                )
+        values = {k: v for k, v in server.items() if k not in NOT_FROM_SERVER}
+        values.update(local)
+        values["device"] = resolve_device(str(local.get("device", "auto")))
+        return build_runtime(from_mapping(values))
+
+    return build
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve tasks until the server's run is finished."""
+    from fedlab.transport.client import ClientError, Connection, run_client
+    from fedlab.transport.security import SecurityError, client_credentials, is_loopback
+
+    if args.insecure == bool(args.certs):
+        raise SecurityError(
+            "choose one of --certs DIR (TLS, the default way) or --insecure (plaintext, "
+            "loopback only)"
+        )
+    if args.insecure and not is_loopback(args.server):
+        raise SecurityError(
+            f"--insecure refused for {args.server}: plaintext is allowed only to a loopback "
+            "address; use --certs"
+        )
+    if args.token and args.token_file:
+        raise SecurityError("give --token or --token-file, not both")
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise SecurityError(f"cannot read token file {args.token_file}: {e}") from e
+    local: dict[str, Any] = load_toml(args.config) if args.config else {}
+    local.update(given_flags(args))
+    credentials = client_credentials(args.certs, args.client_id) if args.certs else None
+    conn = Connection(
+        args.server,
+        args.client_id,
+        credentials=credentials,
+        token=token,
+        server_name=args.server_name,
+    )
+    try:
+        run_client(conn, runtime_builder(local), state_dir=args.state_dir, give_up=args.give_up)
+    except ClientError as e:
+        print(f"fedlab client: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    return 0

@@ -1,0 +1,264 @@
+"""Who may talk to the server: certificates, mutual TLS, tokens, allow-lists.
+
+Security is on by default. With a certificate directory (``fedlab certs``) the server speaks
+TLS and, when client certificates are present, requires one signed by the run's CA whose
+common name is ``client-<id>`` for the id the client claims (mutual TLS). Tokens (a file of
+``ID TOKEN`` lines) authenticate clients over server-only TLS, or add a second factor to mutual
+TLS. Plaintext needs an explicit ``--insecure`` and is refused on any non-loopback address.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import ipaddress
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+CA = "ca.pem"
+CA_KEY = "ca.key"
+SERVER = "server.pem"
+SERVER_KEY = "server.key"
+ALWAYS_NAMES = ("localhost", "127.0.0.1")
+TOKEN_HEADER = "fedlab-token"
+
+
+class SecurityError(ValueError):
+    """A security setting is missing, unreadable or unsafe."""
+
+
+def client_name(client_id: int) -> str:
+    """The common name of ``client_id``'s certificate."""
+    return f"client-{client_id}"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def make_certs(
+    out: str | os.PathLike[str],
+    *,
+    server_names: Iterable[str] = (),
+    clients: int = 0,
+    days: int = 365,
+) -> Path:
+    """Write a CA, a server certificate and ``clients`` client certificates to ``out``.
+
+    Files: ``ca.pem``, ``ca.key``, ``server.pem``, ``server.key``, ``client-<id>.pem`` and
+    ``client-<id>.key``; keys are written with mode 0600. The server certificate names
+    ``server_names`` (DNS names or IP addresses) plus ``localhost`` and ``127.0.0.1``.
+
+    Raises:
+        SecurityError: ``out`` already holds a CA (certificates are never overwritten).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(out)
+    if (directory / CA).exists() or (directory / CA_KEY).exists():
+        raise SecurityError(f"{directory} already holds a CA; choose another --out")
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+    def write(name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        key_path = directory / f"{name}.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlab CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common: str, names: list[str], usage: x509.ObjectIdentifier) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if names:
+            alt: list[x509.GeneralName] = [
+                x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n)
+                for n in names
+            ]
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        write(common, key, builder.sign(ca_key, hashes.SHA256()))
+
+    write("ca", ca_key, ca_cert)
+    names = list(dict.fromkeys([*server_names, *ALWAYS_NAMES]))
+    leaf("server", names, ExtendedKeyUsageOID.SERVER_AUTH)
+    for cid in range(clients):
+        leaf(client_name(cid), [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    return directory
+
+
+def read_tokens(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Read a tokens file: one ``ID TOKEN`` per line; blank lines and ``#`` comments skipped.
+
+    Raises:
+        SecurityError: unreadable file, malformed line, duplicate id or empty token.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SecurityError(f"cannot read tokens file {path}: {e}") from e
+    tokens: dict[int, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise SecurityError(f"{path}:{number}: expected 'CLIENT_ID TOKEN'")
+        cid = int(parts[0])
+        if cid in tokens:
+            raise SecurityError(f"{path}:{number}: client {cid} appears twice")
+        tokens[cid] = parts[1]
+    return tokens
+
+
+def parse_ids(text: str) -> frozenset[int]:
+    """Client ids from ``"0-9,12"``-style text.
+
+    Raises:
+        SecurityError: malformed text.
+    """
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise SecurityError(f"expected client ids like '0-9,12', got {text!r}")
+        out.update(range(int(lo), int(hi if sep else lo) + 1))
+    return frozenset(out)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` names only this machine."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The server's rules for admitting a client.
+
+    Attributes:
+        num_clients: valid ids are ``0 .. num_clients - 1``.
+        mutual: require a client certificate whose CN matches the claimed id.
+        tokens: per-client tokens; when given, every call must carry the client's token and
+            only the clients listed may connect.
+        allowed: if set, only these ids may connect.
+        revoked: ids refused whatever their credentials.
+    """
+
+    num_clients: int
+    mutual: bool = False
+    tokens: Mapping[int, str] | None = None
+    allowed: frozenset[int] | None = None
+    revoked: frozenset[int] = field(default_factory=frozenset)
+
+    def check(self, client_id: int, *, common_name: str | None, token: str | None) -> str | None:
+        """``None`` when ``client_id`` is admitted, else the reason it is refused."""
+        if not 0 <= client_id < self.num_clients:
+            return f"unknown client {client_id}"
+        if client_id in self.revoked:
+            return f"client {client_id} is revoked"
+        if self.allowed is not None and client_id not in self.allowed:
+            return f"client {client_id} is not on the allow-list"
+        if self.mutual and common_name != client_name(client_id):
+            return f"the client certificate does not belong to client {client_id}"
+        if self.tokens is not None:
+            expected = self.tokens.get(client_id)
+            if expected is None:
+                return f"client {client_id} has no token on the server"
+            # Constant-time comparison, so response timing does not leak the token.
+            if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+                return f"bad token for client {client_id}"
+        return None
+
+
+def server_credentials(certs: str | os.PathLike[str], *, mutual: bool) -> grpc.ServerCredentials:
+    """gRPC server credentials from a ``fedlab certs`` directory."""
+    d = Path(certs)
+    key, chain, ca = _read(d / SERVER_KEY), _read(d / SERVER), _read(d / CA)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=mutual
+    )
+
+
+def client_credentials(
+    certs: str | os.PathLike[str], client_id: int | None
+) -> grpc.ChannelCredentials:
+    """gRPC channel credentials: trust the run's CA; present ``client-<id>`` when it exists."""
+    d = Path(certs)
+    ca = _read(d / CA)
+    if client_id is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    key_path, cert_path = d / f"{client_name(client_id)}.key", d / f"{client_name(client_id)}.pem"
+    if not key_path.exists():
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=_read(key_path), certificate_chain=_read(cert_path)
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SecurityError(f"cannot read {path}: {e}") from e

@@ -1,0 +1,438 @@
+"""The gRPC transport: the engine's :class:`~fedlab.transport.Transport` on a wall clock.
+
+Clients initiate every call: they join, long-poll for a task, stream their update back and send
+heartbeats while training. The engine thread calls :meth:`GrpcTransport.submit` and
+:meth:`GrpcTransport.next_update`; gRPC handler threads serve the clients. A task is
+single-use: its random id must come back with the update, and the assignment is removed the
+moment an update for it is accepted, so a replayed or duplicated update finds nothing to answer.
+A client that stops sending signs of life for ``stall_timeout`` seconds turns into a
+:class:`~fedlab.transport.Failure`, so no client can block a run.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import json
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from fedlab.proto import fedlab_pb2 as pb
+from fedlab.proto import fedlab_pb2_grpc as pb_grpc
+from fedlab.transport import Failure
+from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.security import TOKEN_HEADER, Policy
+from fedlab.types import ClientId, Params, State, Task, Update
+
+MAX_WAIT = 30.0
+"""Longest long-poll, in seconds: a pull returns ``NONE`` after this and the client polls again."""
+
+MESSAGE_LIMIT = 8 << 20
+"""gRPC message size limit on both sides; payload pieces are a quarter of it."""
+
+
+@dataclass
+class _Assignment:
+    version: int
+    task_id: str
+    params: Params
+    config_json: str
+    limit: int
+    alive: float  # monotonic time of the client's last sign of life for this task
+
+
+class GrpcTransport:
+    """Serves tasks to remote clients over gRPC and hands their updates to the engine.
+
+    Args:
+        num_clients: the client population (ids ``0 .. num_clients - 1``).
+        address: ``HOST:PORT`` to listen on (port 0 picks a free one; see :attr:`port`).
+        policy: who is admitted.
+        credentials: gRPC server credentials, or ``None`` for plaintext (the caller decides
+            whether that is allowed).
+        run: the run's fingerprint, told to joining clients.
+        config_toml: the run configuration, told to joining clients.
+        heartbeat: seconds between a training client's heartbeats.
+        stall_timeout: seconds without a sign of life after which a task fails.
+        max_update_bytes: the largest update accepted (0: four times the task's params plus
+            1 MiB).
+        linger: seconds :meth:`close` waits for joined clients to hear the run is over.
+        max_uploads: updates received at the same time; others wait their turn, so the memory
+            of uploads in progress is bounded by ``max_uploads`` updates whatever the number
+            of clients.
+        spool: a directory where updates larger than ``spool_bytes`` are received into
+            memory-mapped files (see :class:`~fedlab.transport.codec.Assembler`), so the
+            updates a synchronous version holds until it aggregates live in the page cache,
+            not in the server's memory (``None``: always in RAM).
+        spool_bytes: the update size above which ``spool`` is used.
+        log: where refusals are reported (``None``: nowhere).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        address: str,
+        policy: Policy,
+        credentials: grpc.ServerCredentials | None,
+        run: str = "",
+        config_toml: str = "",
+        heartbeat: float = 5.0,
+        stall_timeout: float = 30.0,
+        max_update_bytes: int = 0,
+        linger: float = 5.0,
+        max_uploads: int = 16,
+        spool: str | os.PathLike[str] | None = None,
+        spool_bytes: int = 16 << 20,
+        log: Any = sys.stderr,
+    ) -> None:
+        self.num_clients = num_clients
+        self.policy = policy
+        self.run = run
+        self.config_toml = config_toml
+        self.heartbeat = heartbeat
+        self.stall_timeout = stall_timeout
+        self.max_update_bytes = max_update_bytes
+        self.linger = linger
+        if max_uploads < 1:
+            raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
+        self._uploads = threading.BoundedSemaphore(max_uploads)
+        self.spool = Path(spool) if spool is not None else None
+        self.spool_bytes = spool_bytes
+        if self.spool is not None:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            for leftover in self.spool.glob("*.part"):  # a crash between create and unlink
+                leftover.unlink(missing_ok=True)
+        self._closed = False
+        self.log = log
+        self.refused: collections.deque[str] = collections.deque(maxlen=1000)
+        self.joined: set[ClientId] = set()
+        self._cond = threading.Condition()
+        self._tasks: dict[ClientId, _Assignment] = {}
+        self._events: collections.deque[Update | Failure] = collections.deque()
+        self._restored: dict[ClientId, tuple[int, str]] = {}
+        self._finished = False
+        self._told: set[ClientId] = set()
+        self._seen: dict[ClientId, float] = {}
+        self._t0 = time.monotonic()
+        self._offset = 0.0
+        options = [
+            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", MESSAGE_LIMIT),
+        ]
+        # Every waiting long-poll holds a worker thread: size the pool for the population.
+        workers = min(num_clients, 1024) + 16
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+        pb_grpc.add_FederationServicer_to_server(_Servicer(self), self._server)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self._server.start()
+
+    # ------------------------------------------------------------------ the engine's side
+
+    def clients(self) -> int:
+        return self.num_clients
+
+    def now(self) -> float:
+        return self._offset + time.monotonic() - self._t0
+
+    def submit(self, client_id: ClientId, task: Task) -> None:
+        with self._cond:
+            if client_id in self._tasks:
+                raise RuntimeError(f"client {client_id} already has a task")
+            restored = self._restored.pop(client_id, None)
+            # A task restored from a checkpoint keeps its id, so an update finished while
+            # the server was down is still accepted after it resumes.
+            if restored is not None and restored[0] == task.version:
+                task_id = restored[1]
+            else:
+                task_id = secrets.token_hex(16)
+            limit = self.max_update_bytes or 4 * payload_bytes(task.params) + (1 << 20)
+            self._tasks[client_id] = _Assignment(
+                version=task.version,
+                task_id=task_id,
+                params=task.params,
+                config_json=json.dumps(dict(task.config), allow_nan=False),
+                limit=limit,
+                alive=time.monotonic(),
+            )
+            self._cond.notify_all()
+
+    def next_update(self, timeout: float | None) -> Update | Failure | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                if self._events:
+                    return self._events.popleft()
+                if timeout is None and not self._tasks:
+                    return None
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+                self._cond.wait(wait)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for cid, a in list(self._tasks.items()):
+            if now - a.alive > self.stall_timeout:
+                del self._tasks[cid]
+                self._events.append(
+                    Failure(cid, a.version, f"no sign of life for {self.stall_timeout:g} s")
+                )
+
+    def state_dict(self) -> State:
+        with self._cond:
+            return {
+                "now": self.now(),
+                "tasks": {
+                    cid: {"version": a.version, "task_id": a.task_id}
+                    for cid, a in self._tasks.items()
+                },
+            }
+
+    def load_state_dict(self, state: State) -> None:
+        with self._cond:
+            if self._tasks:
+                raise RuntimeError("load_state_dict must come before any submit")
+            self._offset = float(state["now"])
+            self._t0 = time.monotonic()
+            self._restored = {
+                int(c): (int(t["version"]), str(t["task_id"])) for c, t in state["tasks"].items()
+            }
+
+    def wait_for_clients(self, n: int, timeout: float | None = None) -> bool:
+        """Block until ``n`` distinct clients have joined; ``False`` if ``timeout`` passes."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.joined) >= n, timeout)
+
+    def close(self) -> None:
+        """Tell clients the run is over (waiting up to ``linger`` s for them to hear), stop."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = self._finished = True
+            self._cond.notify_all()
+            self._cond.wait_for(self._everyone_told, self.linger)
+        self._server.stop(grace=1.0).wait()
+
+    def _everyone_told(self) -> bool:
+        # Clients silent for longer than the stall timeout are gone; nobody waits for them.
+        now = time.monotonic()
+        live = {c for c in self.joined if now - self._seen.get(c, 0.0) <= self.stall_timeout}
+        return live <= self._told
+
+    # ------------------------------------------------------------------ the clients' side
+
+    def admit(self, context: grpc.ServicerContext, client_id: int) -> None:
+        """Abort the call unless ``client_id`` is admitted on this connection."""
+        names: bytes | list[bytes] = context.auth_context().get("x509_common_name") or []
+        first = names[0] if isinstance(names, list) and names else None
+        common = first.decode(errors="replace") if isinstance(first, bytes) else None
+        token = None
+        for key, value in context.invocation_metadata():
+            if key == TOKEN_HEADER:
+                token = value if isinstance(value, str) else value.decode(errors="replace")
+        reason = self.policy.check(client_id, common_name=common, token=token)
+        if reason is not None:
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+        with self._cond:
+            self._seen[client_id] = time.monotonic()
+
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
+        self.refused.append(reason)
+        if self.log is not None:
+            print(f"fedlab server: refused {context.peer()}: {reason}", file=self.log, flush=True)
+        context.abort(code, reason)
+
+    def _alive(self, client_id: ClientId, task_id: str = "") -> None:
+        a = self._tasks.get(client_id)
+        if a is not None and (not task_id or hmac.compare_digest(a.task_id, task_id)):
+            a.alive = time.monotonic()
+
+    def join(self, client_id: ClientId) -> pb.JoinReply:
+        with self._cond:
+            self.joined.add(client_id)
+            self._told.discard(client_id)
+            self._alive(client_id)
+            self._cond.notify_all()
+        return pb.JoinReply(
+            run=self.run, config_toml=self.config_toml, heartbeat_seconds=self.heartbeat
+        )
+
+    def pull(self, client_id: ClientId, wait: float, active: Any) -> Iterator[pb.TaskChunk]:
+        wait = min(max(wait, 0.0), MAX_WAIT)
+        end = time.monotonic() + wait
+        with self._cond:
+            self.joined.add(client_id)
+            while not self._finished and client_id not in self._tasks:
+                left = end - time.monotonic()
+                if left <= 0 or not active():
+                    break
+                self._cond.wait(min(left, 1.0))
+            if self._finished:
+                self._told.add(client_id)
+                self._cond.notify_all()
+                a = None
+            else:
+                a = self._tasks.get(client_id)
+                self._alive(client_id)
+        if a is None:
+            status = pb.TaskHeader.FINISHED if self._finished else pb.TaskHeader.NONE
+            yield pb.TaskChunk(header=pb.TaskHeader(status=status))
+            return
+        yield pb.TaskChunk(
+            header=pb.TaskHeader(
+                status=pb.TaskHeader.TASK,
+                version=a.version,
+                task_id=a.task_id,
+                config_json=a.config_json,
+                total_bytes=payload_bytes(a.params),
+                tensors=len(a.params),
+            )
+        )
+        for tensors, sha in digest(pieces(a.params)):
+            yield pb.TaskChunk(tensors=tensors, sha256=sha)
+
+    def heartbeat_from(self, client_id: ClientId, task_id: str) -> pb.HeartbeatReply:
+        with self._cond:
+            self._alive(client_id, task_id)
+            if self._finished:
+                self._told.add(client_id)  # it stops after its current task, pushing nothing
+                self._cond.notify_all()
+            return pb.HeartbeatReply(finished=self._finished)
+
+    def push(self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
+        first = next(chunks, None)
+        if first is None or not first.HasField("header"):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "update without a header")
+            raise AssertionError("unreachable")  # abort raises
+        h = first.header
+        self.admit(context, h.client_id)
+        cid = int(h.client_id)
+        with self._cond:
+            a = self._tasks.get(cid)
+            reason = self._unassigned(cid, a, h.version, h.task_id)
+        if reason is not None or a is None:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason or "")
+            raise AssertionError("unreachable")
+        while not self._uploads.acquire(timeout=1.0):
+            with self._cond:
+                self._alive(cid, h.task_id)  # waiting for its turn is no stall
+        try:
+            payload, metrics = self._receive(cid, h, a.limit, first, chunks, context)
+        finally:
+            self._uploads.release()
+        with self._cond:
+            # The assignment may have expired, or a duplicate upload may have won meanwhile.
+            now = self._tasks.get(cid)
+            reason = self._unassigned(cid, now, h.version, h.task_id)
+            if reason is None:
+                del self._tasks[cid]
+                self._events.append(
+                    Update(
+                        client_id=cid,
+                        version=int(h.version),
+                        payload=payload,
+                        num_examples=int(h.num_examples),
+                        metrics=metrics,
+                    )
+                )
+                self._cond.notify_all()
+        if reason is not None:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
+        return pb.PushReply(accepted=True)
+
+    def _receive(
+        self,
+        cid: ClientId,
+        h: pb.UpdateHeader,
+        limit: int,
+        first: pb.UpdateChunk,
+        chunks: Iterator[pb.UpdateChunk],
+        context: grpc.ServicerContext,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Read one update's pieces into tensors, refusing the call on any violation."""
+        try:
+            metrics = {str(k): float(v) for k, v in h.metrics.items()}
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise WireError("metrics must be finite")
+            spool = self.spool if h.total_bytes > self.spool_bytes else None
+            asm = Assembler(
+                total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit, spool=spool
+            )
+            checksum = None
+            chunk: pb.UpdateChunk | None = first
+            while chunk is not None:
+                if chunk is not first and chunk.HasField("header"):
+                    raise WireError("a second header in one update")
+                for piece in chunk.tensors:
+                    asm.add(piece)
+                with self._cond:
+                    self._alive(cid, h.task_id)  # a long upload is a sign of life too
+                if chunk.sha256:
+                    checksum = chunk.sha256
+                    break
+                chunk = next(chunks, None)
+            if checksum is None:
+                raise WireError("the update ended without its checksum")
+            if next(chunks, None) is not None:
+                raise WireError("data after the checksum")
+            return asm.finish(checksum), metrics
+        except WireError as e:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"client {cid}: {e}")
+            raise AssertionError("unreachable") from e
+
+    @staticmethod
+    def _unassigned(cid: int, a: _Assignment | None, version: int, task_id: str) -> str | None:
+        if a is None:
+            return f"client {cid} holds no task (expired, answered already, or never assigned)"
+        if a.version != version:
+            return f"client {cid} sent an update for version {version}, its task is {a.version}"
+        if not hmac.compare_digest(a.task_id.encode(), task_id.encode()):
+            return f"client {cid} named a task id that is not its current task"
+        return None
+
+
+class _Servicer(pb_grpc.FederationServicer):
+    """Thin gRPC adapter: authenticate, then hand over to the transport."""
+
+    def __init__(self, transport: GrpcTransport) -> None:
+        self.t = transport
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.t.admit(context, request.client_id)
+        return self.t.join(int(request.client_id))
+
+    def PullTask(
+        self, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskChunk]:
+        self.t.admit(context, request.client_id)
+        return self.t.pull(int(request.client_id), request.wait_seconds, context.is_active)
+
+    def PushUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        return self.t.push(request_iterator, context)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        self.t.admit(context, request.client_id)
+        return self.t.heartbeat_from(int(request.client_id), request.task_id)
