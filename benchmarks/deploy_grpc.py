@@ -250,6 +250,16 @@ def upload_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"{max(counts)} updates of {args.mb} MiB may need {max(counts) * args.mb / 1024:.1f}"
             f" GiB on the server, over --max-gb {args.max_gb}; pass --force to run anyway"
         )
+    if len(counts) > 1:
+        # One fresh process per count: memory a previous count freed but the allocator kept
+        # would otherwise hide in the next one's baseline.
+        for n in counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "row.json"
+                argv = [sys.executable, __file__, *sys.argv[1:], "--clients", str(n)]
+                subprocess.run([*argv, "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
+                rows += json.loads(out.read_text())
+        return rows
     for n in counts:
         security = Security(args.mtls, n)
         params = model(args.mb, args.tensors)

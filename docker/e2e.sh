@@ -5,7 +5,9 @@
 #   sudo docker/e2e.sh                 # exit status 0 when the federation finished
 #
 # Needs root (it installs docker.io, docker-compose and debootstrap with apt-get when they are
-# missing and starts dockerd with the vfs storage driver when no daemon answers). Without a
+# missing and starts dockerd when no daemon answers: with overlay2 where this kernel can mount
+# overlayfs here, else with vfs, which works anywhere but copies the whole 1.5 GB image for
+# every build step and container, many times slower). Without a
 # registry it builds the base image with docker/build-local-base.sh; set FEDLAB_BASE to use
 # another base (python:3.11-slim where a registry is reachable). Environment:
 #   PYTHON        Python that builds the wheels (default: python3; needs pip and fedlab's
@@ -13,6 +15,7 @@
 #   FEDLAB_BASE   base image (default: fedlab-base:bookworm, built here when missing)
 #   E2E_ROUNDS    versions to run (default: 3)
 #   E2E_TIMEOUT   seconds the run may take once the containers are up (default: 600)
+#   DOCKER_STORAGE  storage driver for a dockerd started here (default: overlay2, else vfs)
 #   E2E_KEEP=1    keep the work folder (certificates, run directory, logs) for inspection
 set -euo pipefail
 
@@ -49,9 +52,23 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+storage_driver() {
+    local d
+    d="$(mktemp -d)"
+    mkdir -p "$d/l" "$d/u" "$d/w" "$d/m"
+    if mount -t overlay overlay -o "lowerdir=$d/l,upperdir=$d/u,workdir=$d/w" "$d/m" 2>/dev/null
+    then
+        umount "$d/m"
+        echo overlay2
+    else
+        echo vfs
+    fi
+    rm -rf "$d"
+}
 if ! docker info >/dev/null 2>&1; then
-    # vfs works on any filesystem, including inside a container without overlay support.
-    nohup dockerd --storage-driver=vfs >/var/log/fedlab-e2e-dockerd.log 2>&1 &
+    driver="${DOCKER_STORAGE:-$(storage_driver)}"
+    echo "starting dockerd --storage-driver=$driver"
+    nohup dockerd --storage-driver="$driver" >/var/log/fedlab-e2e-dockerd.log 2>&1 &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null
 fi
