@@ -20,21 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-# (label, codec, options); the first one is the uncompressed reference.
-SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+BASELINES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("none", "", {}),
     ("float16", "float16", {}),
     ("int8", "int8", {}),
     ("topk 1% +EF", "topk", {"fraction": 0.01, "error_feedback": True}),
-    ("fedzip z=0.2", "fedzip", {}),
-    ("fedzip z=0.2 +EF", "fedzip", {"error_feedback": True}),
-    ("fedzip z=0.01", "fedzip", {"z": 0.01}),
-    ("fedzip z=0.01 +EF", "fedzip", {"z": 0.01, "error_feedback": True}),
 )
+
+
+def settings(zs: list[float]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, codec, options) of every run; the first one is the uncompressed reference."""
+    out = list(BASELINES)
+    for z in zs:
+        out.append((f"fedzip z={z:g}", "fedzip", {"z": z}))
+        out.append((f"fedzip z={z:g} +EF", "fedzip", {"z": z, "error_feedback": True}))
+    return out
 
 
 def workload_config(workload: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +59,7 @@ def workload_config(workload: str, args: argparse.Namespace) -> dict[str, Any]:
     return base
 
 
-def run_one(workload: str, setting: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(workload: str, setting: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One FedAvg run; returns accuracy and the bytes it moved."""
     import torch
 
@@ -63,8 +68,12 @@ def run_one(workload: str, setting: int, args: argparse.Namespace) -> dict[str, 
     from fedlab.sim import build_engine, build_workload
 
     torch.set_num_threads(1)
-    label, codec, options = SETTINGS[setting]
-    config = RunConfig(**workload_config(workload, args), compress=codec, compress_options=options)
+    label, codec, options = settings(args.fedzip_z)[setting]
+    config = RunConfig(
+        **{**workload_config(workload, args), "seed": seed},
+        compress=codec,
+        compress_options=options,
+    )
     rows: list[dict[str, Any]] = []
 
     class Keep:
@@ -82,6 +91,7 @@ def run_one(workload: str, setting: int, args: argparse.Namespace) -> dict[str, 
     entries = sum(r["compression_ratio"] * r["bytes_up"] * 8 / 32 for r in rows)
     return {
         "workload": workload,
+        "seed": seed,
         "setting": label,
         "codec": codec,
         "options": options,
@@ -118,7 +128,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = TransformContext(client_id=0, version=0, seed=args.seed)
     out = []
     seen = set()
-    for label, codec, options in SETTINGS[1:]:
+    for label, codec, options in settings(args.fedzip_z)[1:]:
         # Error feedback adds one addition and one subtraction; time each codec once without.
         plain = {k: v for k, v in options.items() if k != "error_feedback"}
         if (codec, tuple(sorted(plain.items()))) in seen:
@@ -153,12 +163,18 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     """Run every setting on both workloads, time the codecs, print tables and JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--clients", type=int, default=50)
-    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="runs per setting: seeds SEED, SEED+1...")
+    p.add_argument(
+        "--fedzip-z",
+        default="0.2,0.035",
+        help="FedZip z values, each run with and without error feedback",
+    )
     p.add_argument("--synthetic-model", default="mlp")
     p.add_argument("--workloads", default="digits,synthetic")
     p.add_argument("--repeat", type=int, default=3)
@@ -166,22 +182,46 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
 
+    args.fedzip_z = [float(z) for z in str(args.fedzip_z).split(",") if z.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    jobs = [(w, i) for w in workloads for i in range(len(SETTINGS))]
+    seeds = [args.seed + i for i in range(args.seeds)]
+    n = len(settings(args.fedzip_z))
+    jobs = [(w, i, s) for w in workloads for i in range(n) for s in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_one, *zip(*jobs, strict=True), [args] * len(jobs)))
     speed = throughput(args)
 
-    ref = {r["workload"]: r["accuracy"] for r in results if r["codec"] == ""}
-    print(f"\nFedAvg, {args.clients} clients, {args.fraction} per version, {args.rounds} versions")
-    print("| workload | codec | accuracy | vs none (points) | bytes/update | ratio |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in results:
-        r["delta_points"] = 100 * (r["accuracy"] - ref[r["workload"]])
-        print(
-            f"| {r['workload']} | {r['setting']} | {r['accuracy']:.4f} | "
-            f"{r['delta_points']:+.1f} | {r['bytes_per_update']:.0f} | {r['ratio']:.1f}x |"
-        )
+    print(
+        f"\nFedAvg, {args.clients} clients, {args.fraction} per version, {args.rounds} versions, "
+        f"seeds {seeds}: mean final accuracy and its difference to 'none' (mean over seeds of "
+        "the per-seed difference, with its min and max)"
+    )
+    print("| workload | codec | accuracy | vs none (points) | min, max | bytes/update | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    table = []
+    for w in workloads:
+        ref = {r["seed"]: r["accuracy"] for r in results if r["workload"] == w and not r["codec"]}
+        for label, _, _ in settings(args.fedzip_z):
+            runs = [r for r in results if r["workload"] == w and r["setting"] == label]
+            for r in runs:
+                r["delta_points"] = 100 * (r["accuracy"] - ref[r["seed"]])
+            deltas = [r["delta_points"] for r in runs]
+            row = {
+                "workload": w,
+                "setting": label,
+                "accuracy": statistics.mean(r["accuracy"] for r in runs),
+                "delta_points": statistics.mean(deltas),
+                "delta_min": min(deltas),
+                "delta_max": max(deltas),
+                "bytes_per_update": statistics.mean(r["bytes_per_update"] for r in runs),
+                "ratio": statistics.mean(r["ratio"] for r in runs),
+            }
+            table.append(row)
+            print(
+                f"| {w} | {label} | {row['accuracy']:.4f} | {row['delta_points']:+.2f} | "
+                f"{row['delta_min']:+.1f}, {row['delta_max']:+.1f} | "
+                f"{row['bytes_per_update']:.0f} | {row['ratio']:.1f}x |"
+            )
     print("\n| codec | payload | MB | ratio | encode MB/s | decode MB/s |")
     print("|---|---|---:|---:|---:|---:|")
     for s in speed:
@@ -189,7 +229,7 @@ def main() -> None:
             f"| {s['codec']} | {s['payload']} | {s['mb']:.3f} | {s['ratio']:.1f}x | "
             f"{s['encode_mb_s']:.1f} | {s['decode_mb_s']:.1f} |"
         )
-    blob = {"args": vars(args), "runs": results, "throughput": speed}
+    blob = {"args": vars(args), "table": table, "runs": results, "throughput": speed}
     print(json.dumps(blob))
     if args.json:
         with open(args.json, "w") as f:

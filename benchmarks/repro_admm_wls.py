@@ -20,12 +20,12 @@ Runs go to ``--jobs`` worker processes (one torch thread each).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from _common import Curve, mean_std, pyplot, run_parallel, train, write_json
 
 VARIANTS = ("standard", "proposed")
 
@@ -34,13 +34,8 @@ def run_one(
     variant: str, noise: float, fraction: float, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One run; returns the curve ``[(version, msd), ...]`` of the global model."""
-    import torch
-
-    from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine, build_workload
 
-    torch.set_num_threads(1)
     config = RunConfig(
         clients=args.clients,
         rounds=args.rounds,
@@ -50,25 +45,14 @@ def run_one(
         fraction=fraction,
         seed=seed,
     )
-    workload = build_workload(config)
-    evaluator = Evaluator(workload, every=1, final=args.rounds)
-    curve: list[tuple[int, float]] = []
-
-    class Record:
-        def on_version(self, engine: Any, row: dict[str, Any]) -> None:
-            if "msd" in row:
-                curve.append((int(row["version"]), float(row["msd"])))
-
-    engine = build_engine(config, callbacks=[evaluator, Record()], workload=workload)
-    start = time.perf_counter()
-    engine.run(args.rounds)
+    curve, seconds = train(config, every=1, curve=Curve("msd"))
     return {
         "variant": variant,
         "noise": noise,
         "fraction": fraction,
         "seed": seed,
         "curve": curve,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 
@@ -99,14 +83,14 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
             for r in runs
             if (r["variant"], r["noise"], r["fraction"]) == (variant, noise, fraction)
         ]
-        values = [steady(r, args.rounds) for r in mine]
+        steady_mean, steady_std = mean_std(steady(r, args.rounds) for r in mine)
         out.append(
             {
                 "variant": variant,
                 "noise": noise,
                 "fraction": fraction,
-                "steady_db_mean": statistics.fmean(values),
-                "steady_db_std": statistics.pstdev(values),
+                "steady_db_mean": steady_mean,
+                "steady_db_std": steady_std,
                 "seconds": statistics.fmean(r["seconds"] for r in mine),
             }
         )
@@ -116,12 +100,9 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
 def plot(runs: list[dict[str, Any]], args: argparse.Namespace, path: str) -> None:
     """MSD in dB against iteration, mean over seeds (of the linear MSD), one panel per
     fraction, one line per variant x noise."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     fractions = (1.0, args.partial)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     styles = {"standard": "-", "proposed": "--"}
@@ -169,9 +150,7 @@ def main() -> None:
 
     start = time.perf_counter()
     jobs = [(v, n, f, s) for s in range(args.seeds) for v, n, f in settings(args)]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, v, n, f, s, args) for v, n, f, s in jobs]
-        runs = [f.result() for f in futures]
+    runs = run_parallel(run_one, [(*job, args) for job in jobs], args.jobs)
     summary = summarise(runs, args)
     wall = time.perf_counter() - start
 
@@ -191,8 +170,7 @@ def main() -> None:
     if args.plot:
         plot(runs, args, args.plot)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summary": summary, "runs": runs}, f)
+        write_json(args.json, {"args": vars(args), "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

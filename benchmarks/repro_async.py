@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _common import mean_std, pyplot, run_parallel, write_json
 
 from fedlab import optim
 from fedlab.callbacks import Evaluator
@@ -199,8 +198,8 @@ def fmt(xs: list[float]) -> str:
     finite = [x for x in xs if math.isfinite(x)]
     if len(finite) < len(xs):
         return f"not reached ({len(xs) - len(finite)}/{len(xs)} seeds)"
-    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
-    return f"{statistics.mean(finite):.1f} ± {sd:.1f}"
+    mean, sd = mean_std(finite, sample=True)
+    return f"{mean:.1f} ± {sd:.1f}"
 
 
 def main() -> None:
@@ -252,16 +251,14 @@ def main() -> None:
     grid = [args.time * (i + 1) / args.points for i in range(args.points)]
     results: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods(args)}
     jobs = [(m, seed) for m in methods(args) for seed in range(args.seeds)]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, base, m, seed, grid) for m, seed in jobs]
-        for (m, seed), fut in zip(jobs, futures, strict=True):
-            r = fut.result()
-            results[m.name].append(r)
-            print(
-                f"{m.name:>16} seed {seed}: final {r['final']:.3f}, "
-                f"{r['versions']} versions, {r['wall']:.1f} s wall",
-                flush=True,
-            )
+    runs = run_parallel(run_one, [(base, m, seed, grid) for m, seed in jobs], args.jobs)
+    for (m, seed), r in zip(jobs, runs, strict=True):
+        results[m.name].append(r)
+        print(
+            f"{m.name:>16} seed {seed}: final {r['final']:.3f}, "
+            f"{r['versions']} versions, {r['wall']:.1f} s wall",
+            flush=True,
+        )
 
     sync = next(iter(results.values()))
     target = args.target * statistics.mean(r["final"] for r in sync)
@@ -283,11 +280,11 @@ def main() -> None:
         drops = [float(d) for _, d, _ in stab]
         worst = [w for _, _, w in stab]
         vers = [float(r["versions"]) for r in runs]
+        fin_mean, fin_std = mean_std(fin, sample=True)
         print(
-            f"| {name} | {fmt(tt)} | {statistics.mean(fin):.3f} ± "
-            f"{statistics.stdev(fin) if len(fin) > 1 else 0:.3f} | {statistics.mean(vers):.0f} | "
-            f"{statistics.mean(tails):.4f} | {statistics.mean(drops):.1f} | "
-            f"{statistics.mean(worst):.3f} |"
+            f"| {name} | {fmt(tt)} | {fin_mean:.3f} ± {fin_std:.3f} | "
+            f"{statistics.mean(vers):.0f} | {statistics.mean(tails):.4f} | "
+            f"{statistics.mean(drops):.1f} | {statistics.mean(worst):.3f} |"
         )
         summary[name] = {
             "time_to_target": tt,
@@ -297,23 +294,18 @@ def main() -> None:
             "largest_drop": worst,
         }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "args": vars(args),
-                    "grid": grid,
-                    "target": target,
-                    "summary": summary,
-                    "acc": {k: [r["acc"] for r in v] for k, v in results.items()},
-                },
-                f,
-            )
+        write_json(
+            args.json,
+            {
+                "args": vars(args),
+                "grid": grid,
+                "target": target,
+                "summary": summary,
+                "acc": {k: [r["acc"] for r in v] for k, v in results.items()},
+            },
+        )
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, runs in results.items():
             mean = [statistics.mean(r["acc"][i] for r in runs) for i in range(len(grid))]

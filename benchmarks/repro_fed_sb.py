@@ -31,12 +31,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from _common import mean_std, pyplot, run_parallel, write_json
 
 METHODS = ("fedavg", "fedit", "fed-sb", "fed-sb-grad", "fedit-head", "fed-sb-grad-head")
 LRS = "fedavg=0.4,fedit=0.2,fed-sb=1.0,fed-sb-grad=1.0,fedit-head=0.2,fed-sb-grad-head=1.0"
@@ -160,13 +160,13 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
     out = []
     for method in args.methods:
         mine = [r for r in runs if r["method"] == method]
-        final = [r["curve"][-1][2] for r in mine]
+        final_mean, final_std = mean_std(r["curve"][-1][2] for r in mine)
         out.append(
             {
                 "method": method,
                 "start_mean": statistics.fmean(r["curve"][0][2] for r in mine),
-                "final_mean": statistics.fmean(final),
-                "final_std": statistics.pstdev(final),
+                "final_mean": final_mean,
+                "final_std": final_std,
                 "upload_per_client": statistics.fmean(r["upload_per_client"] for r in mine),
                 "total_bytes": statistics.fmean(r["total_bytes"] for r in mine),
                 "aggregation_gap": statistics.fmean(r["aggregation_gap"] for r in mine),
@@ -178,11 +178,7 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
 
 def plot(runs: list[dict[str, Any]], args: argparse.Namespace, path: str) -> None:
     """Test accuracy against cumulative bytes (log axis), mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in args.methods:
         # Version 0 is left out: before any traffic, at zero bytes, off a log axis.
@@ -234,9 +230,7 @@ def main() -> None:
 
     start = time.perf_counter()
     jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, m, s, args) for m, s in jobs]
-        runs = [f.result() for f in futures]
+    runs = run_parallel(run_one, [(*job, args) for job in jobs], args.jobs)
     summary = summarise(runs, args)
     wall = time.perf_counter() - start
 
@@ -261,8 +255,7 @@ def main() -> None:
     if args.plot:
         plot(runs, args, args.plot)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summary": summary, "runs": runs}, f)
+        write_json(args.json, {"args": vars(args), "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

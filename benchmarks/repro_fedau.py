@@ -25,12 +25,12 @@ Runs go to ``--jobs`` worker processes (one torch thread each).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from _common import band, mean_std, pyplot, run_parallel, train, write_json
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedau": ("fedau", {}),
@@ -42,13 +42,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One training run; returns the accuracy curve ``[(version, accuracy), ...]``."""
-    import torch
-
-    from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine, build_workload
 
-    torch.set_num_threads(1)
     strategy, options = METHODS[method]
     options = dict(options)
     if method == "fedavg-all":
@@ -69,24 +64,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         seed=seed,
     )
-    workload = build_workload(config)
-    evaluator = Evaluator(workload, every=args.eval_every, final=args.rounds)
-    curve: list[tuple[int, float]] = []
-
-    class Record:
-        def on_version(self, engine: Any, row: dict[str, Any]) -> None:
-            if "accuracy" in row:
-                curve.append((int(row["version"]), float(row["accuracy"])))
-
-    engine = build_engine(config, callbacks=[evaluator, Record()], workload=workload)
-    start = time.perf_counter()
-    engine.run(args.rounds)
-    return {
-        "method": method,
-        "seed": seed,
-        "curve": curve,
-        "seconds": time.perf_counter() - start,
-    }
+    curve, seconds = train(config, every=args.eval_every)
+    return {"method": method, "seed": seed, "curve": curve, "seconds": seconds}
 
 
 def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, dict[str, float]]:
@@ -94,16 +73,16 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, dict[str, fl
     out: dict[str, dict[str, float]] = {}
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
-        final = [r["curve"][-1][1] for r in mine]
-        tail = [
+        final_mean, final_std = mean_std(r["curve"][-1][1] for r in mine)
+        last10_mean, last10_std = mean_std(
             statistics.fmean(a for v, a in r["curve"] if v > rounds - math.ceil(rounds / 10))
             for r in mine
-        ]
+        )
         out[method] = {
-            "final_mean": statistics.fmean(final),
-            "final_std": statistics.pstdev(final),
-            "last10_mean": statistics.fmean(tail),
-            "last10_std": statistics.pstdev(tail),
+            "final_mean": final_mean,
+            "final_std": final_std,
+            "last10_mean": last10_mean,
+            "last10_std": last10_std,
             "seconds": statistics.fmean(r["seconds"] for r in mine),
         }
     return out
@@ -111,20 +90,11 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, dict[str, fl
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     """Accuracy against version, mean over seeds with a one-std band, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS:
         curves = [r["curve"] for r in runs if r["method"] == method]
-        versions = np.array([v for v, _ in curves[0]])
-        acc = np.array([[a for _, a in c] for c in curves])
-        mean, std = acc.mean(0), acc.std(0)
-        ax.plot(versions, mean, label=method)
-        ax.fill_between(versions, mean - std, mean + std, alpha=0.2)
+        band(ax, curves, method)
     ax.set_xlabel("version")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"digits, Dirichlet(0.1), FedAU Bernoulli participation ({len(curves)} seeds)")
@@ -161,9 +131,7 @@ def main() -> None:
 
     start = time.perf_counter()
     jobs = [(m, s) for s in range(args.seeds) for m in METHODS]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, m, s, args) for m, s in jobs]
-        runs = [f.result() for f in futures]
+    runs = run_parallel(run_one, [(*job, args) for job in jobs], args.jobs)
     summary = summarise(runs, args.rounds)
     wall = time.perf_counter() - start
 
@@ -182,8 +150,7 @@ def main() -> None:
     if args.plot:
         plot(runs, args.plot)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summary": summary, "runs": runs}, f)
+        write_json(args.json, {"args": vars(args), "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 from typing import Any
+
+from _common import mean_std, pyplot, run_parallel, write_json
 
 METHODS = {"FedAvg": 0.0, "FedStale": 0.5, "FedVARP": 1.0}
 
@@ -111,8 +111,7 @@ def summarize(
                         >= max(by["FedAvg", swap, s][key], by["FedVARP", swap, s][key])
                         for s in seeds
                     )
-                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                out[method, swap, key] = (statistics.mean(vals), std, wins)
+                out[method, swap, key] = (*mean_std(vals, sample=True), wins)
     return out
 
 
@@ -137,11 +136,7 @@ def table(summary: dict[tuple[str, float, str], tuple[float, float, int]]) -> st
 
 def plot(summary: dict[tuple[str, float, str], tuple[float, float, int]], path: str) -> None:
     """Area under the accuracy curve against heterogeneity h, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     swaps = sorted({h for _, h, _ in summary})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in METHODS:
@@ -183,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(m, h, seed, args) for h in swaps for m in METHODS for seed in range(args.seeds)]
     start = time.perf_counter()
     if args.workers > 1:
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(run_one, jobs)
+        results = run_parallel(run_one, [(job,) for job in jobs], args.workers)
     else:
         results = [run_one(job) for job in jobs]
     wall = time.perf_counter() - start
@@ -192,22 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table(summary))
     print(f"\n{len(jobs)} runs in {wall:.0f} s with {args.workers} workers")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
-                    "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                    "platform": platform.platform(),
-                    "wall_seconds": wall,
-                    "runs": results,
-                    "summary": [
-                        {"method": m, "h": h, "metric": k, "mean": mu, "std": sd}
-                        for (m, h, k), (mu, sd, _) in summary.items()
-                    ],
-                },
-                f,
-                indent=2,
-            )
+        write_json(
+            args.json,
+            {
+                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+                "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                "platform": platform.platform(),
+                "wall_seconds": wall,
+                "runs": results,
+                "summary": [
+                    {"method": m, "h": h, "metric": k, "mean": mu, "std": sd}
+                    for (m, h, k), (mu, sd, _) in summary.items()
+                ],
+            },
+            indent=2,
+        )
     if args.plot:
         plot(summary, args.plot)
     return 0

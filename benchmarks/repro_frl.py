@@ -28,12 +28,11 @@ Runs go to ``--jobs`` worker processes (one torch thread each).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from _common import Curve, mean_std, pyplot, run_parallel, train, write_json
 
 METHODS = ("fedavg", "trimmed-mean", "multi-krum", "frl")
 ATTACK = {
@@ -46,13 +45,8 @@ ATTACK = {
 
 def run_one(method: str, byzantine: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run; returns the accuracy curve and the summed upload-bit metrics."""
-    import torch
-
-    from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine, build_workload
 
-    torch.set_num_threads(1)
     options: dict[str, Any] = {}
     if method == "trimmed-mean":
         options = {"trim": args.trim}
@@ -81,31 +75,25 @@ def run_one(method: str, byzantine: float, seed: int, args: argparse.Namespace) 
         attack_options=attack_options,
         seed=seed,
     )
-    workload = build_workload(config)
-    evaluator = Evaluator(workload, every=args.eval_every, final=args.rounds)
-    curve: list[tuple[int, float]] = []
     bits = {"upload_bits": 0.0, "fedavg_upload_bits": 0.0, "versions": 0}
 
-    class Record:
+    class Bits:
         def on_version(self, engine: Any, row: dict[str, Any]) -> None:
-            if "accuracy" in row:
-                acc = float(row["accuracy"])
-                curve.append((int(row["version"]), acc if math.isfinite(acc) else 0.0))
             if "strategy_upload_bits" in row:
                 bits["upload_bits"] += float(row["strategy_upload_bits"])
                 bits["fedavg_upload_bits"] += float(row["strategy_fedavg_upload_bits"])
                 bits["versions"] += 1
 
-    engine = build_engine(config, callbacks=[evaluator, Record()], workload=workload)
-    start = time.perf_counter()
-    engine.run(args.rounds)
+    curve, seconds = train(
+        config, every=args.eval_every, curve=Curve(finite_or=0.0), callbacks=[Bits()]
+    )
     return {
         "method": method,
         "byzantine": byzantine,
         "seed": seed,
         "curve": curve,
         "bits": bits,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 
@@ -114,13 +102,13 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
     for method in args.methods:
         for byz in args.byzantine:
             mine = [r for r in runs if r["method"] == method and r["byzantine"] == byz]
-            final = [r["curve"][-1][1] for r in mine]
+            final_mean, final_std = mean_std(r["curve"][-1][1] for r in mine)
             out.append(
                 {
                     "method": method,
                     "byzantine": byz,
-                    "final_mean": statistics.fmean(final),
-                    "final_std": statistics.pstdev(final),
+                    "final_mean": final_mean,
+                    "final_std": final_std,
                     "seconds": statistics.fmean(r["seconds"] for r in mine),
                 }
             )
@@ -129,11 +117,7 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
 
 def plot(summary: list[dict[str, Any]], args: argparse.Namespace, path: str) -> None:
     """Final test accuracy against the malicious fraction, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in args.methods:
         rows = [s for s in summary if s["method"] == method]
@@ -188,9 +172,7 @@ def main() -> None:
     jobs = [(m, b, s) for s in range(args.seeds) for m in args.methods for b in args.byzantine]
     # Longest first (FRL), so the pool does not end on one straggler.
     jobs.sort(key=lambda j: j[0] != "frl")
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, m, b, s, args) for m, b, s in jobs]
-        runs = [f.result() for f in futures]
+    runs = run_parallel(run_one, [(*job, args) for job in jobs], args.jobs)
     summary = summarise(runs, args)
     wall = time.perf_counter() - start
 
@@ -219,8 +201,7 @@ def main() -> None:
     if args.plot:
         plot(summary, args, args.plot)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "summary": summary, "runs": runs}, f)
+        write_json(args.json, {"args": vars(args), "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ class TensorCodec(UpdateTransform):
         self, payload: Params, ctx: TransformContext, state: State | None
     ) -> tuple[Params, State | None]:
         """Encode every floating-point tensor; the state holds the residuals."""
-        if not any(v.is_floating_point() for v in payload.values()):
-            kinds = ", ".join(sorted({str(v.dtype) for v in payload.values()})) or "nothing"
+        if payload and not any(v.is_floating_point() for v in payload.values()):
+            # An empty payload (a client that uploads nothing this version) passes; one with
+            # only integer tensors means the strategy's updates cannot be compressed at all.
+            kinds = ", ".join(sorted({str(v.dtype) for v in payload.values()}))
             raise ValueError(
                 f"--compress {self.codec} compresses floating-point updates, and this client's "
                 f"payload holds only {kinds}: the strategy sends no plain float updates "

@@ -348,6 +348,8 @@ class FedZip(TensorCodec):
             raise ValueError(f"fedzip iterations must be >= 0, got {self.iterations}")
         if self.init not in INITS:
             raise ValueError(f"fedzip init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.encodings, str):  # --compress-opt encodings=gap names one
+            object.__setattr__(self, "encodings", (self.encodings,))
         unknown = [e for e in self.encodings if e not in METHODS]
         if unknown or not self.encodings:
             raise ValueError(

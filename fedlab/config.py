@@ -217,8 +217,17 @@ class RunConfig:
         return config
 
     def fingerprint(self) -> str:
-        """A hash of every key that changes the numbers the run produces."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        """A hash of every key that changes the numbers the run produces.
+
+        Keys at their default value are left out, so a release that adds a setting (whose
+        default keeps the old behaviour) can still resume the checkpoints of earlier ones.
+        """
+        default = RunConfig().to_dict()
+        keep = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in NOT_FINGERPRINTED and v != default[k]
+        }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,15 @@ with the reference code's linear schedules over ``schedule_versions`` = T versio
 ``η_t = server_lr · (1 + (lr_end − 1) t/T)``, ``R_t = record_clip · (1 − (1 − clip_end) t/T)``,
 ``τ_t = tau · (1 − (1 − clip_end) t/T)``.
 
+The reference code's DP baselines (its ``client_clip_type=direct_clip`` and
+``aggregate_method=median``; "DP-FedAvg" with ``β = 0``) are the ``aggregator`` option, with the
+same clients, schedules and noise calibration, so that comparisons are at equal privacy:
+
+* ``"direct-clip"``: ``v = (Σ_{i∈S} clip(m_i, τ_t) + N(0, s_t² I)) / |S|``, clipping around 0.
+* ``"median"``: ``v = median_{i∈S}(m_i) + N(0, s_t² I)``, coordinate-wise, no clipping. The
+  noise is on the median itself, not divided by ``|S|``, as in the reference: the median's
+  sensitivity is that of one momentum, not ``1/|S|`` of it.
+
 Sensitivity and noise. Neighbouring datasets differ in one record of one client (substitution).
 A client divides its clipped sum by the fixed ``batch_size`` B, so one record moves its gradient
 ``g_i`` by at most ``Δ_t = 2 R_t / B``, and its momentum ``m_i = Σ_k (1 − β) β^{t−k} g_i^k``
@@ -23,7 +32,11 @@ by at most ``b_i = (1 − β) Δ_t + β b_i`` (the recursion, over the versions 
 answered, that the server tracks per client). ``clip(· − v, τ)`` is the projection onto a ball
 around ``v``, which is 1-Lipschitz, and ``v`` depends only on past outputs, so the sum ``U``
 moves by at most ``D_t = max_{i∈S} b_i``. The noise std is ``s_t = noise_multiplier · D_t``: a
-Gaussian mechanism with noise multiplier ``z`` at every version.
+Gaussian mechanism with noise multiplier ``z`` at every version. ``direct-clip`` projects onto a
+ball around 0, also 1-Lipschitz: same bound. For ``median``, each coordinate of a
+coordinate-wise median moves by at most that coordinate's change in the one changed momentum
+(sorting is 1-Lipschitz in the max norm), so the median moves by at most ``b_i ≤ D_t`` in L2:
+the same Gaussian mechanism, and the same ``ε``.
 
 Accounting. Conditioned on the hidden randomness (minibatches, the sample ``S``), the run is an
 adaptive composition of Gaussian mechanisms of noise multiplier ``z``; Rényi divergence is
@@ -44,10 +57,14 @@ from typing import ClassVar
 import torch
 
 from fedlab import optim, privacy, seeding
+from fedlab.strategies.robust import coordinate_median
 from fedlab.strategy import EveryRound, Strategy, Trigger, floating
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
-__all__ = ["DPBREM"]
+__all__ = ["AGGREGATORS", "DPBREM"]
+
+AGGREGATORS = ("centered", "direct-clip", "median")
+"""DP-BREM's centered clipping, then the reference code's two DP baselines."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,9 +76,12 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
     training, and ``client_rate`` says how many answers are aggregated.
 
     Args:
+        aggregator: ``"centered"`` (DP-BREM), or the baselines ``"direct-clip"`` and
+            ``"median"`` (see the module docs), all at the same noise.
         noise_multiplier: ``z``: noise std over the sensitivity of the clipped sum (0: no DP).
         record_clip: ``R_0``, the per-record gradient clipping norm sent to clients.
-        tau: ``C_0``, the centered-clipping radius (``inf``: plain mean).
+        tau: ``C_0``, the clipping radius around ``v`` (``centered``) or around 0
+            (``direct-clip``); ``inf``: plain mean. ``median`` does not clip.
         momentum: ``β``, the client momentum in ``[0, 1)``.
         batch_size: ``B``, records per client per version, and the clients' divisor.
         client_rate: ``q``, the fraction of received momenta aggregated, in ``(0, 1]``.
@@ -79,6 +99,7 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
 
     client: ClassVar[str] = "dp-brem"
 
+    aggregator: str = "centered"
     noise_multiplier: float = 1.0
     record_clip: float = 10.0
     tau: float = 5.0
@@ -92,6 +113,11 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
     server_lr: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(
+                f"dp-brem: aggregator must be one of {', '.join(AGGREGATORS)}, "
+                f"got {self.aggregator!r}"
+            )
         checks = {
             "noise_multiplier": math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
             "record_clip": self.record_clip > 0,
@@ -133,6 +159,24 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
         """``η_t``."""
         return self.server_lr * (1 + (self.lr_end - 1) * self.progress(version))
 
+    def _clipped_sum(
+        self, chosen: Sequence[Update], center: Params, tau: float
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """``Σ clip(m_i − c, τ)``, ``c`` the center (``centered``) or 0, and the share clipped."""
+        total = {name: torch.zeros_like(center[name]) for name in center}
+        clipped = 0
+        for u in chosen:
+            if self.aggregator == "centered":
+                diff = {name: u.payload[name] - center[name] for name in center}
+            else:
+                diff = {name: u.payload[name] for name in center}
+            norm = optim.norm(diff)
+            scale = min(1.0, tau / norm) if norm > 0 else 1.0
+            clipped += scale < 1.0
+            for name in center:
+                total[name].add_(diff[name], alpha=scale)
+        return total, clipped / len(chosen)
+
     def init(self, params: Params) -> State:
         return {
             "optimizer": self.optimizer.init(params),
@@ -173,32 +217,29 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
             rng = seeding.numpy_rng(round.seed, seeding.SAMPLE)
             picked = sorted(int(i) for i in rng.choice(len(updates), size=k, replace=False))
             chosen = [updates[i] for i in picked]
-        tau = self.tau_at(t)
         center = state["center"]
-        total = {name: torch.zeros_like(center[name]) for name in center}
-        clipped = 0
-        for u in chosen:
-            diff = {name: u.payload[name] - center[name] for name in center}
-            norm = optim.norm(diff)
-            scale = min(1.0, tau / norm) if norm > 0 else 1.0
-            clipped += scale < 1.0
-            for name in center:
-                total[name].add_(diff[name], alpha=scale)
-        metrics: dict[str, float] = {"aggregated": float(k), "clipped": clipped / k}
+        metrics: dict[str, float] = {"aggregated": float(k)}
+        if self.aggregator == "median":
+            v = coordinate_median([{name: u.payload[name] for name in center} for u in chosen])
+        else:
+            v, metrics["clipped"] = self._clipped_sum(chosen, center, self.tau_at(t))
         steps = int(state["steps"])
         if self.noise_multiplier > 0:
             std = self.noise_multiplier * max(bounds[str(u.client_id)] for u in chosen)
             gen = seeding.torch_generator(round.seed, privacy.NOISE)
-            for name in sorted(total):
-                noise = torch.randn(total[name].shape, generator=gen, dtype=torch.float64)
-                total[name].add_((noise * std).to(total[name].dtype))
+            for name in sorted(v):
+                noise = torch.randn(v[name].shape, generator=gen, dtype=torch.float64)
+                v[name].add_((noise * std).to(v[name].dtype))
             steps += 1
             metrics["noise_std"] = std
             # Opacus is the optional "dp" extra: without it no ε is reported, never a guess.
             with contextlib.suppress(ImportError):
                 history = [[self.noise_multiplier, 1.0, float(steps)]]
                 metrics["epsilon"] = privacy.epsilon(history, self.delta)
-        v = {name: center[name] + total[name] / k for name in center}
+        if self.aggregator == "centered":
+            v = {name: center[name] + x / k for name, x in v.items()}
+        elif self.aggregator == "direct-clip":
+            v = {name: x / k for name, x in v.items()}
         opt = self.optimizer
         direction, opt_state = opt.direction(
             {name: -x for name, x in v.items()}, state["optimizer"]

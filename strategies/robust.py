@@ -16,7 +16,7 @@ huge dataset, so none of them reads it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,11 +26,25 @@ from fedlab import optim
 from fedlab.strategy import Strategy
 from fedlab.types import Metrics, Params, Round, State, Update
 
-__all__ = ["CenteredClipping", "Krum", "Median", "MultiKrum", "TrimmedMean"]
+__all__ = ["CenteredClipping", "Krum", "Median", "MultiKrum", "TrimmedMean", "coordinate_median"]
 
 
 def _stack(updates: Sequence[Update], name: str) -> torch.Tensor:
     return torch.stack([u.payload[name] for u in updates])
+
+
+def coordinate_median(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median of ``rows`` (the mean of the two middle values for an even count).
+
+    Every output coordinate moves by at most as much as that coordinate of one changed row:
+    sorting is 1-Lipschitz in the max norm and the two middle values are averaged.
+    """
+    n = len(rows)
+    out: dict[str, torch.Tensor] = {}
+    for name in rows[0]:
+        s = torch.stack([r[name] for r in rows]).sort(dim=0).values
+        out[name] = s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return out
 
 
 def _flat(updates: Sequence[Update]) -> torch.Tensor:
@@ -88,12 +102,7 @@ class Median(_Robust):
     def combine(
         self, updates: Sequence[Update], state: State
     ) -> tuple[dict[str, torch.Tensor], State, dict[str, float]]:
-        n = len(updates)
-        out: dict[str, torch.Tensor] = {}
-        for name in updates[0].payload:
-            s = _stack(updates, name).sort(dim=0).values
-            out[name] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        return out, state, {}
+        return coordinate_median([u.payload for u in updates]), state, {}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -188,3 +188,24 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(strategy: str, tmp_path: P
     assert_params_equal(tensorio.load(killed / "model.fl"), tensorio.load(straight / "model.fl"))
     versions = [json.loads(x)["version"] for x in metrics.read_text().splitlines()]
     assert versions == list(range(1, 31))
+
+
+def test_fingerprint_ignores_keys_at_their_default() -> None:
+    """A checkpoint written before a setting existed resumes after it is added: keys at their
+    default (the old behaviour) do not enter the fingerprint; any other value does."""
+    import hashlib
+    import json
+
+    from fedlab.config import NOT_FINGERPRINTED, RunConfig
+
+    config = RunConfig(clients=10, lr=0.2)
+    changed = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in NOT_FINGERPRINTED and v != RunConfig().to_dict()[k]
+    }
+    assert changed == {"clients": 10, "lr": 0.2}
+    expected = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()
+    assert config.fingerprint() == expected
+    assert config.fingerprint() != config.replace(noise_multiplier=0.5).fingerprint()
+    assert config.fingerprint() == config.replace(out="elsewhere").fingerprint()

@@ -39,6 +39,7 @@ GUIDES = [
     DOCS / "tutorial-first-simulation.md",
     DOCS / "how-to-write-a-strategy.md",
     DOCS / "how-to-use-your-own-model-and-data.md",
+    DOCS / "how-to-compress-updates.md",
     DOCS / "explanation-architecture.md",
 ]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)

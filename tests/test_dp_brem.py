@@ -14,13 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import Rows, assert_resume_bit_identical, small_config
+from fedlab.attacks import alie_z
 from fedlab.client import ClientContext, Fit
 from fedlab.clients.dp_brem import DPBREMClient
 from fedlab.data import ClientData
 from fedlab.privacy import clip_per_record
 from fedlab.sim import build_engine
 from fedlab.strategies.dp_brem import DPBREM
-from fedlab.types import Params, Round, Task, Update
+from fedlab.strategies.robust import coordinate_median
+from fedlab.types import Metrics, Params, Round, State, Task, Update
 
 ROUND = Round(version=0, time=0.0, num_clients=10)
 CTX = ClientContext(client_id=0, seed=3)
@@ -179,6 +181,133 @@ def test_ipm_attack_runs_and_stays_finite() -> None:
     engine.run(3)
     assert all(bool(torch.isfinite(v).all()) for v in engine.params.values())
     assert rows.rows[-1]["byzantine"] == 2
+
+
+def test_direct_clip_averages_momenta_clipped_around_zero() -> None:
+    # Clipped to τ around 0 (not around the previous aggregate), then averaged: inside the ball
+    # the plain mean, and v never leaves the τ-ball whatever the momenta.
+    strategy = quiet(aggregator="direct-clip", tau=1.0)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state = strategy.init(params)
+    state["center"] = {"w": torch.full((3,), 50.0, dtype=torch.float64)}
+    rows = [[0.1, 0.2, 0.3], [0.2, -0.1, 0.4], [0.3, 0.3, -0.2]]
+    _, new, metrics = strategy.aggregate(state, params, updates(rows), ROUND)
+    assert torch.allclose(new["center"]["w"], torch.tensor(rows, dtype=torch.float64).mean(0))
+    assert metrics["clipped"] == 0.0
+    huge = [[1e6, 0.0, 0.0], [0.0, -3e3, 0.0], [0.6, 0.8, 0.0]]
+    _, new, metrics = strategy.aggregate(state, params, updates(huge), ROUND)
+    want = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.6, 0.8, 0.0]]).mean(0)
+    assert torch.allclose(new["center"]["w"], want.double())
+    assert metrics["clipped"] == pytest.approx(2 / 3)
+
+
+def test_median_of_identical_momenta_is_that_momentum_and_ignores_a_minority() -> None:
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    strategy = quiet(aggregator="median", tau=1e-3)  # τ plays no part in the median
+    same = [[0.3, -0.2, 0.5]] * 4
+    assert torch.allclose(center_after(strategy, same, params), torch.tensor(same[0]).double())
+    honest = [[0.1, 0.2, 0.3], [0.2, 0.1, 0.3], [0.3, 0.3, 0.1]]
+    attacked = center_after(strategy, [*honest, [1e9, -1e9, 1e9], [-5.0, 5.0, 1e3]], params)
+    rows = torch.tensor(honest, dtype=torch.float64)
+    assert bool((attacked >= rows.min(0).values).all() and (attacked <= rows.max(0).values).all())
+
+
+def test_coordinate_median_moves_at_most_as_far_as_the_changed_row() -> None:
+    # The median baseline's privacy argument: its L2 sensitivity is that of one momentum.
+    gen = torch.Generator().manual_seed(5)
+    for n in (4, 5):
+        for _ in range(50):
+            rows = [{"a": torch.randn(7, generator=gen)} for _ in range(n)]
+            i = int(torch.randint(n, (1,), generator=gen))
+            changed = list(rows)
+            changed[i] = {"a": rows[i]["a"] + torch.randn(7, generator=gen) * 3}
+            move = coordinate_median(changed)["a"] - coordinate_median(rows)["a"]
+            assert bool((move.abs() <= (changed[i]["a"] - rows[i]["a"]).abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize(("aggregator", "over"), [("direct-clip", 4), ("median", 1)])
+def test_baselines_get_the_same_noise_std_and_epsilon(aggregator: str, over: int) -> None:
+    # Same σ·D_t on the sum (direct-clip: the mean's std is σD/|S|) or on the median itself,
+    # since both have sensitivity D_t; so the same ε as DP-BREM.
+    pytest.importorskip("opacus")
+    kw: dict[str, Any] = dict(noise_multiplier=2.0, record_clip=1.0, batch_size=4, momentum=0.0)
+    zero = [[0.0] * 40_000] * 4
+    params = {"w": torch.zeros(40_000, dtype=torch.float64)}
+    got: list[Metrics] = []
+    for agg in ("centered", aggregator):
+        strategy = DPBREM(aggregator=agg, server_lr=1.0, **kw)
+        _, state, metrics = strategy.aggregate(strategy.init(params), params, updates(zero), ROUND)
+        got.append(metrics)
+    assert got[1]["noise_std"] == got[0]["noise_std"] == pytest.approx(1.0)
+    assert got[1]["epsilon"] == got[0]["epsilon"]
+    assert float(state["center"]["w"].std()) == pytest.approx(1.0 / over, rel=0.03)
+
+
+def test_unknown_aggregator_fails_clearly() -> None:
+    with pytest.raises(ValueError, match="aggregator must be one of centered, direct-clip"):
+        DPBREM(aggregator="krum")
+
+
+class Spy:
+    """Wraps a strategy and keeps the updates each aggregation receives."""
+
+    def __init__(self, inner: DPBREM) -> None:
+        self.inner = inner
+        self.seen: list[list[Update]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def aggregate(
+        self, state: State, params: Params, up: list[Update], rnd: Round
+    ) -> tuple[Params, State, Metrics]:
+        self.seen.append(list(up))
+        return self.inner.aggregate(state, params, up, rnd)
+
+
+@pytest.mark.parametrize("attack", ["alie", "ipm"])
+def test_omniscient_attacks_craft_from_the_honest_momenta(attack: str) -> None:
+    # As the reference's byzantine_attacks.py: the attackers' momentum is built from the honest
+    # clients' ones (here exactly those aggregated this version), the honest momenta and the
+    # honest clients' stored state are untouched.
+    cfg = config(byzantine=0.25, attack=attack, strategy_options={"noise_multiplier": 0.0})
+    engine = build_engine(cfg)
+    spy = Spy(engine.strategy)  # type: ignore[arg-type]
+    engine.strategy = spy  # type: ignore[assignment]
+    engine.run(2)
+    assert engine.adversary is not None
+    bad_ids = engine.adversary.malicious
+
+    def flat(u: Update) -> torch.Tensor:
+        return torch.cat([u.payload[k].double().reshape(-1) for k in sorted(u.payload)])
+
+    for seen in spy.seen:
+        good = torch.stack([flat(u) for u in seen if u.client_id not in bad_ids])
+        bad = [flat(u) for u in seen if u.client_id in bad_ids]
+        assert len(bad) == 2 and len(good) == 6
+        if attack == "alie":
+            want = good.mean(0) - alie_z(8, 2) * good.std(0, unbiased=False)
+        else:
+            want = -good.mean(0)
+        for b in bad:
+            assert torch.allclose(b, want, atol=1e-6)
+    honest = next(u for u in spy.seen[-1] if u.client_id not in bad_ids)
+    stored = engine.transport.store.get(honest.client_id)  # type: ignore[attr-defined]
+    for k, v in stored["client"]["momentum"].items():
+        assert torch.equal(v, honest.payload[k])
+
+
+@pytest.mark.parametrize("aggregator", ["direct-clip", "median"])
+def test_baselines_run_under_attack_and_resume_bit_identically(
+    aggregator: str, tmp_path: Path
+) -> None:
+    cfg = config(
+        byzantine=0.25,
+        attack="alie",
+        strategy_options={"aggregator": aggregator, "momentum": 0.0, "schedule_versions": 6},
+    )
+    resumed, _ = assert_resume_bit_identical(cfg, tmp_path / "run")
+    assert all(bool(torch.isfinite(v).all()) for v in resumed.params.values())
 
 
 def test_resume_bit_identical(tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ def test_quantile_init_and_options_are_checked() -> None:
         FedZip(init="kmeans++")
     with pytest.raises(ValueError, match="encodings"):
         FedZip(encodings=("zip",))
+    assert FedZip(encodings="gap").encodings == ("gap",)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- (c, d) encodings
