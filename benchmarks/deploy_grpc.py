@@ -265,7 +265,13 @@ def upload_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
         params = model(args.mb, args.tensors)
         t = serve(n, security, args, linger=5.0)
         engine = Engine(
-            strategy=FedAvg(), transport=t, params=params, seed=0, fraction=1.0, min_clients=n
+            strategy=FedAvg(),
+            transport=t,
+            params=params,
+            seed=0,
+            fraction=1.0,
+            min_clients=n,
+            stream=args.stream,  # as fedlab server does, unless --keep-updates
         )
         procs = start_clients(
             t.port, range(n), security, min(args.client_procs, n), ["--downloads", "2"]
@@ -287,6 +293,7 @@ def upload_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "clients": n,
                 "model_mib": args.mb,
                 "spool_mib": args.spool_mb,
+                "streamed": args.stream,
                 "rss_before_mib": round(before["VmRSS"]),
                 "peak_rss_mib": round(peak.peak["VmRSS"]),
                 "peak_anon_growth_mib": round(anon),
@@ -381,6 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--max-gb", type=float, default=4.0, help="refuse runs that may need more")
     b.add_argument("--force", action="store_true", help="run past --max-gb")
     b.add_argument("--mtls", action="store_true", help="mutual TLS (default: plaintext)")
+    b.add_argument(
+        "--keep-updates",
+        dest="stream",
+        action="store_false",
+        help="keep every update until the version aggregates instead of folding each into a "
+        "running mean as it arrives (what fedlab server does for FedAvg)",
+    )
     c = sub.add_parser("soak", help="many concurrent clients for many versions")
     c.add_argument("--clients", type=int, default=200)
     c.add_argument("--versions", type=int, default=100)
