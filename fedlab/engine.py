@@ -8,6 +8,7 @@ knows whether the transport is a simulation or a network.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time as _time
@@ -15,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from fedlab import seeding, tensorio
 from fedlab.participation import Participation, Uniform
@@ -66,6 +69,32 @@ class _VersionLog:
     decoded_entries: int = 0  # ...and the entries they decoded to
 
 
+class _Fold:
+    """A running weighted sum of update payloads (:attr:`Engine.stream`)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.examples = 0
+
+    def add(self, update: Update, weight: float) -> None:
+        for name, t in update.payload.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.sums[name] = t.detach() * weight  # a new tensor: the update can go
+            else:
+                acc.add_(t.detach(), alpha=weight)
+        self.weight += weight
+        self.examples += update.num_examples
+
+    def mean(self, version: int) -> list[Update]:
+        """The one update holding the weighted mean; none when every weight was zero."""
+        if self.weight <= 0:
+            return []
+        payload = {k: v.div_(self.weight) for k, v in self.sums.items()}
+        return [Update(client_id=-1, version=version, payload=payload, num_examples=self.examples)]
+
+
 class Engine:
     """Runs a strategy against a transport.
 
@@ -95,6 +124,10 @@ class Engine:
         memory: the server's per-client store handed to the strategy as ``Round.memory``.
         adversary: simulated Byzantine clients whose updates are replaced just before each
             aggregation (``None``: every client is honest).
+        stream: fold each update into a running weighted sum as it arrives when the strategy
+            allows it (:meth:`Strategy.stream_weight`), so memory does not grow with the number
+            of clients: the deployed server's choice. Off in simulation, where summing in
+            arrival order instead of by client id would change results in the last bits.
     """
 
     def __init__(
@@ -118,6 +151,7 @@ class Engine:
         participation: Participation | None = None,
         memory: ClientStore | None = None,
         adversary: Adversary | None = None,
+        stream: bool = False,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -142,6 +176,9 @@ class Engine:
         self.participation: Participation = participation or Uniform()
         self.memory: ClientStore = memory if memory is not None else MemoryStore()
         self.adversary = adversary
+        # Omniscient attacks read every benign update, so an attacked run keeps them all.
+        self.stream = stream and adversary is None
+        self._folded: _Fold | None = None
         self._available: tuple[ClientId, ...] | None = None
 
         self.params: Params = dict(params)
@@ -328,7 +365,15 @@ class Engine:
         except (UpdateRejected, ValueError) as e:
             self._reject(update, str(e))
             return
-        self.buffer.append(decoded)
+        weight = self.strategy.stream_weight(decoded) if self.stream else None
+        if weight is None:
+            self.buffer.append(decoded)
+            return
+        # Keep the running sum and a payload-free record (count, metrics, staleness).
+        if self._folded is None:
+            self._folded = _Fold()
+        self._folded.add(decoded, weight)
+        self.buffer.append(dataclasses.replace(decoded, payload={}))
 
     def _fail(self, failure: Failure) -> None:
         if self.inflight.get(failure.client_id) != failure.version:
@@ -362,7 +407,11 @@ class Engine:
         updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
         if self.adversary is not None:
             updates = self.adversary.corrupt(updates, self.params, rnd)
-        params, state, metrics = self.strategy.aggregate(self.state, self.params, updates, rnd)
+        given: Sequence[Update] = updates
+        if self._folded is not None:
+            given = self._folded.mean(self.version)
+            self._folded = None
+        params, state, metrics = self.strategy.aggregate(self.state, self.params, given, rnd)
         self.params = dict(params)
         self.state = state
         self.version += 1

@@ -103,6 +103,16 @@ class Strategy:
         )
         return {c: task for c in chosen}
 
+    def stream_weight(self, update: Update) -> float | None:
+        """``update``'s weight when ``aggregate`` needs the updates only through the weighted
+        mean of their payloads; ``None`` (the default) when it needs every update.
+
+        A weight lets a deployed server fold each update into a running sum as it arrives and
+        hand ``aggregate`` one update holding the mean, so its memory does not grow with the
+        number of clients. ``aggregate`` must then give the same result for that one update.
+        """
+        return None
+
     def validate(self, update: Update, params: Params) -> None:
         """Reject an update that cannot be aggregated, raising :class:`UpdateRejected`.
 

@@ -45,6 +45,11 @@ class FedAvg(optim.ServerOptimizerOptions, Strategy):
     def init(self, params: Params) -> State:
         return self.optimizer.init(params)
 
+    def stream_weight(self, update: Update) -> float | None:
+        # Only the weighted mean of the deltas enters the step, so it can be folded up as
+        # updates arrive (a mean over one update of weight sum(n_i) is that mean again).
+        return float(update.num_examples) if self.weighting == "examples" else 1.0
+
     def aggregate(
         self, state: State, params: Params, updates: Sequence[Update], round: Round
     ) -> tuple[Params, State, Metrics]:

@@ -15,12 +15,15 @@ from pathlib import Path
 
 
 class Proc:
-    """A ``python -m fedlab ...`` subprocess whose output lines are collected as they come."""
+    """A ``python -m fedlab ...`` subprocess whose output lines are collected as they come.
 
-    def __init__(self, args: Sequence[str], *, cwd: Path) -> None:
+    ``prefix`` runs it through another command (``ip netns exec NAME`` for another host).
+    """
+
+    def __init__(self, args: Sequence[str], *, cwd: Path, prefix: Sequence[str] = ()) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedlab", *args],
+            [*prefix, sys.executable, "-m", "fedlab", *args],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -53,8 +54,18 @@ def test_mutual_tls_run_completes(tmp_path: Path, certs: Path) -> None:
     assert [r["version"] for r in _rows(run_dir)] == [1, 2, 3]
 
 
+def _wait_rows(run_dir: Path, n: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while len(_rows(run_dir)) < n and time.monotonic() < end:
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_server_killed_mid_run_resumes_and_clients_rejoin(tmp_path: Path, certs: Path) -> None:
+def test_chaos_clients_and_server_killed_mid_run_every_version_completes(
+    tmp_path: Path, certs: Path
+) -> None:
+    """30% of the clients (rounded up) are SIGKILLed mid-version and restarted; later the
+    server is SIGKILLed and resumed with --resume. The run finishes with every version."""
     run_dir = tmp_path / "run"
     rounds = 30
     deploy = ["--certs", str(certs), "--heartbeat", "0.5", "--linger", "10"]
@@ -63,12 +74,19 @@ def test_server_killed_mid_run_resumes_and_clients_rejoin(tmp_path: Path, certs:
     )
     client_args = ["--certs", str(certs), "--state-dir", str(tmp_path / "state")]
     clients = start_clients(range(3), port, client_args, cwd=tmp_path)
-    end = time.monotonic() + 60
-    while len(_rows(run_dir)) < 3 and time.monotonic() < end:
-        time.sleep(0.02)
+    _wait_rows(run_dir, 2)
+    # The moment a version is written the next one has begun: with --fraction 1 every client,
+    # the victims included, holds a task of it that the server is waiting for.
+    victims = range(math.ceil(0.3 * len(clients)))
+    for i in victims:
+        clients[i].kill()
+    killed_at = len(_rows(run_dir))
+    for i in victims:
+        clients[i] = start_clients([i], port, client_args, cwd=tmp_path)[0]
+    _wait_rows(run_dir, killed_at + 3)
     server.kill()  # SIGKILL: no chance to clean up
     done = len(_rows(run_dir))
-    assert 3 <= done < rounds, server.output
+    assert killed_at + 3 <= done < rounds, server.output
     resumed, _ = start_server(["--resume", str(run_dir), *deploy], cwd=tmp_path, port=port)
     _finish(resumed, clients)
     assert [r["version"] for r in _rows(run_dir)] == list(range(1, rounds + 1))

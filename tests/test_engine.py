@@ -280,3 +280,38 @@ def test_simulated_time_counts_epochs_when_training_by_epochs() -> None:
     _, epochs = run(small_config(local_epochs=5.0, speed="constant"), 1)
     assert steps[0]["time"] == pytest.approx(3.0)
     assert epochs[0]["time"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_streamed_fedavg_matches_the_buffered_one(weighting: str) -> None:
+    """A deployed server folds FedAvg updates into a running mean as they arrive: the model
+    equals the one aggregated from every kept update (up to the order of float sums), and no
+    payload is kept between arrival and aggregation."""
+    config = small_config(strategy_options={"weighting": weighting}, rounds=3)
+    kept = build_engine(config)
+    kept.run(3)
+    streamed = build_engine(config, stream=True)
+    seen: list[int] = []
+    receive = streamed._receive
+
+    def watch(update: Update) -> None:
+        receive(update)
+        seen.extend(sum(t.numel() for t in u.payload.values()) for u in streamed.buffer)
+
+    streamed._receive = watch  # type: ignore[method-assign]
+    streamed.run(3)
+    assert seen and set(seen) == {0}
+    for name in kept.params:
+        torch.testing.assert_close(streamed.params[name], kept.params[name])
+    assert streamed.counters.received == kept.counters.received
+
+
+def test_streaming_is_off_for_strategies_that_need_every_update() -> None:
+    config = small_config(strategy="median", rounds=2)
+    kept = build_engine(config)
+    kept.run(2)
+    streamed = build_engine(config, stream=True)
+    streamed.run(2)
+    assert_params_equal(streamed.params, kept.params)
+    attacked = build_engine(small_config(rounds=1, byzantine=0.2, attack="sign-flip"), stream=True)
+    assert not attacked.stream

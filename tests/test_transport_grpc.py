@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,9 @@ from conftest import small_config
 from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.sim import build_engine
+from fedlab.transport import server
 from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
-from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.codec import Assembler, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import (
     Policy,
     client_credentials,
@@ -33,14 +34,23 @@ from fedlab.types import Task, Update
 PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
 
 
-def _roundtrip(params: dict[str, torch.Tensor], piece_bytes: int) -> dict[str, torch.Tensor]:
+def _assemble(params: dict[str, torch.Tensor], bufs: list[bytes]) -> dict[str, torch.Tensor]:
     asm = Assembler(total_bytes=payload_bytes(params), tensors=len(params), max_bytes=1 << 30)
     checksum = b""
-    for tensors, sha in digest(pieces(params, piece_bytes=piece_bytes)):
-        for t in tensors:
-            asm.add(t)
-        checksum = sha or checksum
+    for buf in bufs:
+        chunk = decode(buf, pb.UpdateHeader)
+        for piece, data in chunk.pieces:
+            asm.add(piece, data)
+        checksum = chunk.checksum or checksum
     return asm.finish(checksum)
+
+
+def _roundtrip(params: dict[str, torch.Tensor], piece_bytes: int) -> dict[str, torch.Tensor]:
+    bufs = list(encode(params, piece_bytes=piece_bytes))
+    for buf in bufs:
+        # The codec writes exactly what protobuf would.
+        assert pb.UpdateChunk.FromString(buf).SerializeToString() == buf
+    return _assemble(params, bufs)
 
 
 def test_tensors_survive_the_wire_in_pieces() -> None:
@@ -59,6 +69,31 @@ def test_tensors_survive_the_wire_in_pieces() -> None:
             assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
 
 
+@given(data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_corrupted_chunks_are_refused(data: st.DataObject) -> None:
+    bufs = list(encode(PARAMS, piece_bytes=8))
+    i = data.draw(st.integers(0, len(bufs) - 1))
+    corrupt = bytearray(bufs[i])
+    corrupt[data.draw(st.integers(0, len(corrupt) - 1))] ^= data.draw(st.integers(1, 255))
+    bufs[i] = bytes(corrupt)
+    try:
+        out = _assemble(PARAMS, bufs)
+    except WireError:
+        return
+    # What slips through changed no tensor byte (a name, say): the checksum guards the data.
+    for got, sent in zip(out.values(), PARAMS.values(), strict=True):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+
+
+def test_a_flipped_data_byte_fails_the_checksum() -> None:
+    bufs = list(encode(PARAMS))
+    data = bytes(decode(bufs[0], pb.UpdateHeader).pieces[0][1])
+    bufs[0] = bufs[0].replace(data, bytes([data[0] ^ 1]) + data[1:])
+    with pytest.raises(WireError, match="checksum"):
+        _assemble(PARAMS, bufs)
+
+
 def test_assembler_refuses_lies_before_allocating() -> None:
     with pytest.raises(WireError, match="exceeds the limit"):
         Assembler(total_bytes=10**12, tensors=1, max_bytes=1 << 20)
@@ -74,7 +109,7 @@ def test_assembler_refuses_lies_before_allocating() -> None:
     asm = Assembler(total_bytes=8, tensors=1, max_bytes=1 << 20)
     asm.add(pb.Tensor(name="x", dtype="float32", shape=[2], codec="raw", data=b"12345678"))
     with pytest.raises(WireError, match="checksum"):
-        asm.finish(hashlib.sha256(b"other").digest())
+        asm.finish(zlib.crc32(b"other").to_bytes(4, "big"))
 
 
 # ---------------------------------------------------------------- a live server on loopback
@@ -200,14 +235,12 @@ def test_refused_updates_leave_the_run_untouched() -> None:
             total_bytes=payload_bytes(update.payload),
             tensors=2,
         )
-        body = [
-            pb.UpdateChunk(tensors=ts, sha256=sha) for ts, sha in digest(pieces(update.payload))
-        ]
+        body = [pb.UpdateChunk.FromString(b) for b in encode(update.payload)]
         bad_dtype = [
             pb.UpdateChunk(header=header),
             pb.UpdateChunk(
                 tensors=[pb.Tensor(name="w", dtype="object", shape=[6], codec="raw", data=b"")],
-                sha256=b"x",
+                checksum=b"x",
             ),
         ]
         cases: dict[str, Callable[[], object]] = {
@@ -224,7 +257,7 @@ def test_refused_updates_leave_the_run_untouched() -> None:
                 [
                     pb.UpdateChunk(header=header),
                     *body[:-1],
-                    pb.UpdateChunk(tensors=body[-1].tensors, sha256=b"\0" * 32),
+                    pb.UpdateChunk(tensors=body[-1].tensors, checksum=b"\0" * 4),
                 ],
             ),
             "no checksum": lambda: _push_raw(
@@ -301,9 +334,21 @@ def test_fuzzed_uploads_are_refused_without_effect(data: list[bytes]) -> None:
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_chunks_raise_only_wire_errors(data: bytes) -> None:
     try:
+        ours = decode(data, pb.UpdateHeader)
+    except WireError:
+        ours = None
+    try:
         chunk = pb.UpdateChunk.FromString(data)
     except Exception:  # protobuf's DecodeError: the bytes are not a message
         return
+    # The codec reads every message protobuf reads, and reads it the same.
+    assert ours is not None
+    assert (ours.header or pb.UpdateHeader()) == chunk.header
+    assert ours.checksum == chunk.checksum
+    assert len(ours.pieces) == len(chunk.tensors)
+    for (meta, piece_data), piece in zip(ours.pieces, chunk.tensors, strict=True):
+        meta.data = bytes(piece_data)
+        assert meta == piece
     asm = (
         Assembler(
             total_bytes=chunk.header.total_bytes, tensors=chunk.header.tensors, max_bytes=1 << 20
@@ -314,9 +359,9 @@ def test_fuzzed_chunks_raise_only_wire_errors(data: bytes) -> None:
     if asm is None:
         return
     try:
-        for piece in chunk.tensors:
-            asm.add(piece)
-        asm.finish(chunk.sha256)
+        for piece, piece_data in ours.pieces:
+            asm.add(piece, piece_data)
+        asm.finish(ours.checksum)
     except WireError:
         pass
 
@@ -513,6 +558,38 @@ def test_large_updates_are_held_in_unlinked_files_not_in_server_memory(tmp_path:
             assert where.startswith(str(spool)) and where.endswith("(deleted)"), where
         assert not _mapping_of(held[2].payload["w"].data_ptr()).startswith(str(spool))
         assert not list(spool.iterdir()), "spool files must be unlinked at once"
+    finally:
+        t.close()
+
+
+def test_clients_pulling_one_version_share_one_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded: list[int] = []
+
+    def counting(params: dict[str, torch.Tensor]) -> Iterator[bytes]:
+        encoded.append(len(params))
+        return encode(params, piece_bytes=64)  # many chunks to share
+
+    monkeypatch.setattr(server, "encode", counting)
+    t = serve(Policy(num_clients=4))
+    try:
+        old = {"w": torch.randn(100), "b": torch.arange(3.0)}
+        new = {"w": torch.randn(100)}
+        mine = {"w": torch.randn(100)}
+        t.submit(0, Task(1, new))
+        t.submit(1, Task(1, new))
+        t.submit(2, Task(0, old))
+        t.submit(3, Task(1, mine))  # same version, params of its own
+        for cid, params in [(0, new), (1, new), (2, old), (3, mine), (0, new)]:
+            conn = connect(t, cid)
+            got = conn.pull(1.0)
+            assert isinstance(got, Assigned)
+            assert got.task.params.keys() == params.keys()
+            assert all(torch.equal(got.task.params[k], v) for k, v in params.items())
+            conn.close()
+        # Once for the newest version, shared by both of its pulls and the repeated one; the
+        # older version and the odd params streamed without replacing it.
+        assert encoded == [1, 2, 1]
+        assert t._encoded is not None and t._encoded.params is new
     finally:
         t.close()
 

@@ -94,8 +94,15 @@ def execute(
         workload, every=config.eval_every, final=config.rounds, device=config.device
     )
     callbacks: list[Any] = [evaluator, metrics]
+    # A deployed server folds FedAvg-family updates as they arrive: its memory must not grow
+    # with the number of clients uploading large models at once.
     engine = build_engine(
-        config, run_dir=run_dir, callbacks=callbacks, workload=workload, transport=transport
+        config,
+        run_dir=run_dir,
+        callbacks=callbacks,
+        workload=workload,
+        transport=transport,
+        stream=transport is not None,
     )
     if args.resume:
         engine.resume()

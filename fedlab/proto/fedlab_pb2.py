@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64lab/proto/fedlab.proto\x12\tfedlab.v1\"a\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"H\n\tJoinReply\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x03 \x01(\x01\"6\n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xdb\x01\n\nTaskHeader\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.fedlab.v1.TaskHeader.Status\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07tensors\x18\x06 \x01(\r\"B\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04TASK\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\"f\n\tTaskChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedlab.v1.TaskHeader\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.fedlab.v1.Tensor\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\xe6\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.fedlab.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07tensors\x18\x07 \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedlab.v1.UpdateHeader\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.fedlab.v1.Tensor\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"6\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x32\x81\x02\n\nFederation\x12\x34\n\x04Join\x12\x16.fedlab.v1.JoinRequest\x1a\x14.fedlab.v1.JoinReply\x12:\n\x08PullTask\x12\x16.fedlab.v1.PullRequest\x1a\x14.fedlab.v1.TaskChunk0\x01\x12<\n\nPushUpdate\x12\x16.fedlab.v1.UpdateChunk\x1a\x14.fedlab.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedlab.v1.HeartbeatRequest\x1a\x19.fedlab.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64lab/proto/fedlab.proto\x12\tfedlab.v1\"a\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\"H\n\tJoinReply\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x03 \x01(\x01\"6\n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xdb\x01\n\nTaskHeader\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.fedlab.v1.TaskHeader.Status\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07tensors\x18\x06 \x01(\r\"B\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04TASK\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\"h\n\tTaskChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedlab.v1.TaskHeader\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.fedlab.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x0c\"\xe6\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.fedlab.v1.UpdateHeader.MetricsEntry\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07tensors\x18\x07 \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedlab.v1.UpdateHeader\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.fedlab.v1.Tensor\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x0c\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"6\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x32\x81\x02\n\nFederation\x12\x34\n\x04Join\x12\x16.fedlab.v1.JoinRequest\x1a\x14.fedlab.v1.JoinReply\x12:\n\x08PullTask\x12\x16.fedlab.v1.PullRequest\x1a\x14.fedlab.v1.TaskChunk0\x01\x12<\n\nPushUpdate\x12\x16.fedlab.v1.UpdateChunk\x1a\x14.fedlab.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedlab.v1.HeartbeatRequest\x1a\x19.fedlab.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKHEADER_STATUS']._serialized_start=457
   _globals['_TASKHEADER_STATUS']._serialized_end=523
   _globals['_TASKCHUNK']._serialized_start=525
-  _globals['_TASKCHUNK']._serialized_end=627
-  _globals['_UPDATEHEADER']._serialized_start=630
-  _globals['_UPDATEHEADER']._serialized_end=860
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=814
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=860
-  _globals['_UPDATECHUNK']._serialized_start=862
-  _globals['_UPDATECHUNK']._serialized_end=968
-  _globals['_PUSHREPLY']._serialized_start=970
-  _globals['_PUSHREPLY']._serialized_end=999
-  _globals['_HEARTBEATREQUEST']._serialized_start=1001
-  _globals['_HEARTBEATREQUEST']._serialized_end=1055
-  _globals['_HEARTBEATREPLY']._serialized_start=1057
-  _globals['_HEARTBEATREPLY']._serialized_end=1091
-  _globals['_FEDERATION']._serialized_start=1094
-  _globals['_FEDERATION']._serialized_end=1351
+  _globals['_TASKCHUNK']._serialized_end=629
+  _globals['_UPDATEHEADER']._serialized_start=632
+  _globals['_UPDATEHEADER']._serialized_end=862
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=816
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=862
+  _globals['_UPDATECHUNK']._serialized_start=864
+  _globals['_UPDATECHUNK']._serialized_end=972
+  _globals['_PUSHREPLY']._serialized_start=974
+  _globals['_PUSHREPLY']._serialized_end=1003
+  _globals['_HEARTBEATREQUEST']._serialized_start=1005
+  _globals['_HEARTBEATREQUEST']._serialized_end=1059
+  _globals['_HEARTBEATREPLY']._serialized_start=1061
+  _globals['_HEARTBEATREPLY']._serialized_end=1095
+  _globals['_FEDERATION']._serialized_start=1098
+  _globals['_FEDERATION']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

@@ -74,14 +74,14 @@ class TaskHeader(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskHeader.Status, str]] = ..., version: _Optional[int] = ..., task_id: _Optional[str] = ..., config_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tensors: _Optional[int] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
-    __slots__ = ("header", "tensors", "sha256")
+    __slots__ = ("header", "tensors", "checksum")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     header: TaskHeader
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
-    sha256: bytes
-    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    checksum: bytes
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "version", "task_id", "num_examples", "metrics", "total_bytes", "tensors")
@@ -109,14 +109,14 @@ class UpdateHeader(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., version: _Optional[int] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., tensors: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "tensors", "sha256")
+    __slots__ = ("header", "tensors", "checksum")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
-    sha256: bytes
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    checksum: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted",)

@@ -3,9 +3,11 @@
 isort:skip_file
 The fedlab wire protocol: a server and clients that initiate every call (so clients can sit
 behind NAT). Tensors travel as {name, dtype, shape, codec, bytes}; a payload (a task's params
-or an update) streams as a header, pieces of tensors of at most a few MiB, and a SHA-256 of
+or an update) streams as a header, pieces of tensors of at most a few MiB, and a CRC-32 of
 every tensor byte in stream order, so models larger than gRPC's message limit pass with
-bounded memory. No pickle anywhere.
+bounded memory. No pickle anywhere. fedlab/transport/codec.py writes and reads the tensor
+pieces of TaskChunk and UpdateChunk by their field numbers: keep the two messages' layouts
+alike.
 
 Regenerate fedlab/proto/ with `python protos/generate.py`; never edit the generated files.
 """

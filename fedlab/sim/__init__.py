@@ -222,11 +222,14 @@ def build_engine(
     callbacks: Sequence[Callback] = (),
     workload: Workload | None = None,
     transport: Transport | None = None,
+    stream: bool = False,
 ) -> Engine:
     """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run.
 
     ``transport`` (default: a simulation over the virtual clock) is where tasks go: the
-    deployed server passes its gRPC transport, and nothing else changes.
+    deployed server passes its gRPC transport, and nothing else changes. ``stream`` folds
+    updates into a running mean as they arrive where the strategy allows (see
+    :class:`~fedlab.engine.Engine`).
     """
     workload = workload or build_workload(config)
     strategy = build_strategy(config)
@@ -290,6 +293,7 @@ def build_engine(
         memory=build_memory(config, run_dir),
         adversary=adversary,
         pipeline=pipeline,
+        stream=stream,
     )
 
 

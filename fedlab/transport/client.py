@@ -26,9 +26,9 @@ from fedlab import tensorio
 from fedlab.client import ClientRuntime
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
-from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import TOKEN_HEADER
-from fedlab.transport.server import MESSAGE_LIMIT
+from fedlab.transport.server import OPTIONS
 from fedlab.types import State, Task, Update
 
 # Codes after which trying again may succeed: the server is down, restarting or overloaded.
@@ -90,10 +90,7 @@ class Connection:
         server_name: str | None = None,
     ) -> None:
         self.client_id = client_id
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
-        ]
+        options = list(OPTIONS)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if credentials is None:
@@ -101,6 +98,18 @@ class Connection:
         else:
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
+        # Task and update chunks bypass the stub's protobuf objects (see fedlab.transport.codec).
+        service = "/" + pb.DESCRIPTOR.services_by_name["Federation"].full_name
+        self._pull_task = self.channel.unary_stream(
+            f"{service}/PullTask",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=_task_chunk,
+        )
+        self._push_update: grpc.StreamUnaryMultiCallable[bytes, pb.PushReply] = (
+            self.channel.stream_unary(  # sends serialized chunks as they are
+                f"{service}/PushUpdate", response_deserializer=pb.PushReply.FromString
+            )
+        )
         self.metadata = ((TOKEN_HEADER, token),) if token else ()
 
     def close(self) -> None:
@@ -122,13 +131,13 @@ class Connection:
         Raises:
             WireError: the task stream is malformed.
         """
-        stream: Iterator[pb.TaskChunk] = self.stub.PullTask(
+        stream: Iterator[Chunk[pb.TaskHeader]] = self._pull_task(
             pb.PullRequest(client_id=self.client_id, wait_seconds=wait),
             timeout=wait + 600.0,
             metadata=self.metadata,
         )
         first = next(stream, None)
-        if first is None or not first.HasField("header"):
+        if first is None or first.header is None:
             raise WireError("task stream without a header")
         h = first.header
         if h.status == pb.TaskHeader.FINISHED:
@@ -140,10 +149,10 @@ class Connection:
         asm = Assembler(total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit)
         checksum = b""
         for chunk in stream:
-            for piece in chunk.tensors:
-                asm.add(piece)
-            if chunk.sha256:
-                checksum = chunk.sha256
+            for piece, data in chunk.pieces:
+                asm.add(piece, data)
+            if chunk.checksum:
+                checksum = chunk.checksum
                 break
         params = asm.finish(checksum)
         config = json.loads(h.config_json) if h.config_json else {}
@@ -163,12 +172,11 @@ class Connection:
             tensors=len(update.payload),
         )
 
-        def chunks() -> Iterator[pb.UpdateChunk]:
-            yield pb.UpdateChunk(header=header)
-            for tensors, sha in digest(pieces(update.payload)):
-                yield pb.UpdateChunk(tensors=tensors, sha256=sha)
+        def chunks() -> Iterator[bytes]:
+            yield pb.UpdateChunk(header=header).SerializeToString()
+            yield from encode(update.payload)
 
-        self.stub.PushUpdate(chunks(), timeout=timeout, metadata=self.metadata)
+        self._push_update(chunks(), timeout=timeout, metadata=self.metadata)
 
     def heartbeat(self, task_id: str = "", timeout: float = 10.0) -> bool:
         """Tell the server this client is alive; ``True`` once the run is finished."""
@@ -178,6 +186,10 @@ class Connection:
             metadata=self.metadata,
         )
         return bool(reply.finished)
+
+
+def _task_chunk(buf: bytes) -> Chunk[pb.TaskHeader]:
+    return decode(buf, pb.TaskHeader)
 
 
 class Backoff:

@@ -20,7 +20,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +30,8 @@ import grpc
 import torch
 
 from fedlab.proto import fedlab_pb2 as pb
-from fedlab.proto import fedlab_pb2_grpc as pb_grpc
 from fedlab.transport import Failure
-from fedlab.transport.codec import Assembler, WireError, digest, payload_bytes, pieces
+from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import TOKEN_HEADER, Policy
 from fedlab.types import ClientId, Params, State, Task, Update
 
@@ -41,6 +40,12 @@ MAX_WAIT = 30.0
 
 MESSAGE_LIMIT = 8 << 20
 """gRPC message size limit on both sides; payload pieces are a quarter of it."""
+
+OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+]
+"""gRPC options of the server and the clients' channels."""
 
 
 @dataclass
@@ -51,6 +56,13 @@ class _Assignment:
     config_json: str
     limit: int
     alive: float  # monotonic time of the client's last sign of life for this task
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    version: int
+    params: Params
+    chunks: list[bytes]
 
 
 class GrpcTransport:
@@ -128,14 +140,12 @@ class GrpcTransport:
         self._seen: dict[ClientId, float] = {}
         self._t0 = time.monotonic()
         self._offset = 0.0
-        options = [
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
-        ]
+        self._encoded: _Encoded | None = None
+        self._encoding = threading.Lock()
         # Every waiting long-poll holds a worker thread: size the pool for the population.
         workers = min(num_clients, 1024) + 16
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-        pb_grpc.add_FederationServicer_to_server(_Servicer(self), self._server)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+        self._server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         if credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
@@ -231,6 +241,7 @@ class GrpcTransport:
             self._cond.notify_all()
             self._cond.wait_for(self._everyone_told, self.linger)
         self._server.stop(grace=1.0).wait()
+        self._encoded = None
 
     def _everyone_told(self) -> bool:
         # Clients silent for longer than the stall timeout are gone; nobody waits for them.
@@ -276,7 +287,8 @@ class GrpcTransport:
             run=self.run, config_toml=self.config_toml, heartbeat_seconds=self.heartbeat
         )
 
-    def pull(self, client_id: ClientId, wait: float, active: Any) -> Iterator[pb.TaskChunk]:
+    def pull(self, client_id: ClientId, wait: float, active: Any) -> Iterator[bytes]:
+        """The serialized ``TaskChunk`` messages of the client's task, once it has one."""
         wait = min(max(wait, 0.0), MAX_WAIT)
         end = time.monotonic() + wait
         with self._cond:
@@ -295,7 +307,7 @@ class GrpcTransport:
                 self._alive(client_id)
         if a is None:
             status = pb.TaskHeader.FINISHED if self._finished else pb.TaskHeader.NONE
-            yield pb.TaskChunk(header=pb.TaskHeader(status=status))
+            yield pb.TaskChunk(header=pb.TaskHeader(status=status)).SerializeToString()
             return
         yield pb.TaskChunk(
             header=pb.TaskHeader(
@@ -306,9 +318,26 @@ class GrpcTransport:
                 total_bytes=payload_bytes(a.params),
                 tensors=len(a.params),
             )
-        )
-        for tensors, sha in digest(pieces(a.params)):
-            yield pb.TaskChunk(tensors=tensors, sha256=sha)
+        ).SerializeToString()
+        yield from self._chunks(a.version, a.params)
+
+    def _chunks(self, version: int, params: Params) -> Iterable[bytes]:
+        """The serialized params of a task, encoded once for every client pulling them.
+
+        Only the newest version's params are kept encoded (about their size in memory), so
+        memory does not grow with the number of clients or versions; params of an older
+        version, or other params of the same version, are encoded chunk by chunk as they stream.
+        """
+        with self._encoding:  # a second puller waits for the first one's encoding
+            held = self._encoded
+            if held is not None and held.params is params:
+                return held.chunks
+            if held is not None and version <= held.version:
+                return encode(params)
+            self._encoded = None  # freed before its successor is built
+            chunks = list(encode(params))
+            self._encoded = _Encoded(version, params, chunks)
+            return chunks
 
     def heartbeat_from(self, client_id: ClientId, task_id: str) -> pb.HeartbeatReply:
         with self._cond:
@@ -318,9 +347,11 @@ class GrpcTransport:
                 self._cond.notify_all()
             return pb.HeartbeatReply(finished=self._finished)
 
-    def push(self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def push(
+        self, chunks: Iterator[Chunk[pb.UpdateHeader]], context: grpc.ServicerContext
+    ) -> pb.PushReply:
         first = next(chunks, None)
-        if first is None or not first.HasField("header"):
+        if first is None or first.header is None:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "update without a header")
             raise AssertionError("unreachable")  # abort raises
         h = first.header
@@ -364,8 +395,8 @@ class GrpcTransport:
         cid: ClientId,
         h: pb.UpdateHeader,
         limit: int,
-        first: pb.UpdateChunk,
-        chunks: Iterator[pb.UpdateChunk],
+        first: Chunk[pb.UpdateHeader],
+        chunks: Iterator[Chunk[pb.UpdateHeader]],
         context: grpc.ServicerContext,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Read one update's pieces into tensors, refusing the call on any violation."""
@@ -378,16 +409,16 @@ class GrpcTransport:
                 total_bytes=h.total_bytes, tensors=h.tensors, max_bytes=limit, spool=spool
             )
             checksum = None
-            chunk: pb.UpdateChunk | None = first
+            chunk: Chunk[pb.UpdateHeader] | None = first
             while chunk is not None:
-                if chunk is not first and chunk.HasField("header"):
+                if chunk is not first and chunk.header is not None:
                     raise WireError("a second header in one update")
-                for piece in chunk.tensors:
-                    asm.add(piece)
+                for piece, data in chunk.pieces:
+                    asm.add(piece, data)
                 with self._cond:
                     self._alive(cid, h.task_id)  # a long upload is a sign of life too
-                if chunk.sha256:
-                    checksum = chunk.sha256
+                if chunk.checksum:
+                    checksum = chunk.checksum
                     break
                 chunk = next(chunks, None)
             if checksum is None:
@@ -410,7 +441,7 @@ class GrpcTransport:
         return None
 
 
-class _Servicer(pb_grpc.FederationServicer):
+class _Servicer:
     """Thin gRPC adapter: authenticate, then hand over to the transport."""
 
     def __init__(self, transport: GrpcTransport) -> None:
@@ -420,14 +451,12 @@ class _Servicer(pb_grpc.FederationServicer):
         self.t.admit(context, request.client_id)
         return self.t.join(int(request.client_id))
 
-    def PullTask(
-        self, request: pb.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TaskChunk]:
+    def PullTask(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         self.t.admit(context, request.client_id)
         return self.t.pull(int(request.client_id), request.wait_seconds, context.is_active)
 
     def PushUpdate(
-        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+        self, request_iterator: Iterator[Chunk[pb.UpdateHeader]], context: grpc.ServicerContext
     ) -> pb.PushReply:
         return self.t.push(request_iterator, context)
 
@@ -436,3 +465,39 @@ class _Servicer(pb_grpc.FederationServicer):
     ) -> pb.HeartbeatReply:
         self.t.admit(context, request.client_id)
         return self.t.heartbeat_from(int(request.client_id), request.task_id)
+
+
+def _update_chunk(buf: bytes) -> Chunk[pb.UpdateHeader]:
+    return decode(buf, pb.UpdateHeader)
+
+
+def _handlers(s: _Servicer) -> grpc.GenericRpcHandler:
+    """The ``Federation`` service, with task and update chunks (de)serialized by the codec.
+
+    The generated servicer would turn every chunk into protobuf objects, copying each tensor
+    piece several times; the codec reads and writes the same wire format directly.
+    """
+    service = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            "Join": grpc.unary_unary_rpc_method_handler(
+                s.Join,
+                request_deserializer=pb.JoinRequest.FromString,
+                response_serializer=pb.JoinReply.SerializeToString,
+            ),
+            "PullTask": grpc.unary_stream_rpc_method_handler(  # yields serialized chunks
+                s.PullTask, request_deserializer=pb.PullRequest.FromString
+            ),
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(
+                s.PushUpdate,
+                request_deserializer=_update_chunk,
+                response_serializer=pb.PushReply.SerializeToString,
+            ),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                s.Heartbeat,
+                request_deserializer=pb.HeartbeatRequest.FromString,
+                response_serializer=pb.HeartbeatReply.SerializeToString,
+            ),
+        },
+    )
