@@ -496,6 +496,7 @@ def test_finished_run_is_told_to_clients() -> None:
 
 
 def test_uploads_beyond_the_limit_wait_their_turn() -> None:
+    """Uploads in transit and uploads waiting for the engine share ``max_uploads`` slots."""
     t = serve(Policy(num_clients=3), max_uploads=1)
     try:
         conns, tasks = [], []
@@ -513,10 +514,14 @@ def test_uploads_beyond_the_limit_wait_their_turn() -> None:
         ]
         for th in threads:
             th.start()
+        # An update the engine has not taken yet keeps its slot: never two waiting at once.
+        time.sleep(1.0)
+        assert sum(isinstance(e, Update) for e in list(t._events)) == 1
+        got_ids = sorted(e.client_id for e in iter(lambda: t.next_update(2.0), None))
+        assert got_ids == [0, 1, 2]
         for th in threads:
             th.join(20)
-        got_ids = sorted(e.client_id for e in iter(lambda: t.next_update(1.0), None))
-        assert got_ids == [0, 1, 2]
+            assert not th.is_alive()
     finally:
         t.close()
 

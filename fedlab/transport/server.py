@@ -81,9 +81,9 @@ class GrpcTransport:
         max_update_bytes: the largest update accepted (0: four times the task's params plus
             1 MiB).
         linger: seconds :meth:`close` waits for joined clients to hear the run is over.
-        max_uploads: updates received at the same time; others wait their turn, so the memory
-            of uploads in progress is bounded by ``max_uploads`` updates whatever the number
-            of clients.
+        max_uploads: updates received or waiting for the engine at the same time; others wait
+            their turn, so the memory of uploads is bounded by ``max_uploads`` updates whatever
+            the number of clients.
         spool: a directory where updates larger than ``spool_bytes`` are received into
             memory-mapped files (see :class:`~fedlab.transport.codec.Assembler`), so the
             updates a synchronous version holds until it aggregates live in the page cache,
@@ -190,7 +190,11 @@ class GrpcTransport:
             while True:
                 self._expire()
                 if self._events:
-                    return self._events.popleft()
+                    event = self._events.popleft()
+                    if isinstance(event, Update):
+                        # The engine has it now: its upload slot goes to the next client.
+                        self._uploads.release()
+                    return event
                 if timeout is None and not self._tasks:
                     return None
                 wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
@@ -363,13 +367,18 @@ class GrpcTransport:
         if reason is not None or a is None:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason or "")
             raise AssertionError("unreachable")
+        # A slot is held from the first byte until the engine takes the update (next_update),
+        # so received-but-unconsumed updates are bounded too, not only those in transit.
         while not self._uploads.acquire(timeout=1.0):
+            if not context.is_active():
+                context.abort(grpc.StatusCode.CANCELLED, "the upload was cancelled")
             with self._cond:
                 self._alive(cid, h.task_id)  # waiting for its turn is no stall
         try:
             payload, metrics = self._receive(cid, h, a.limit, first, chunks, context)
-        finally:
+        except BaseException:
             self._uploads.release()
+            raise
         with self._cond:
             # The assignment may have expired, or a duplicate upload may have won meanwhile.
             now = self._tasks.get(cid)
@@ -387,6 +396,7 @@ class GrpcTransport:
                 )
                 self._cond.notify_all()
         if reason is not None:
+            self._uploads.release()
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         return pb.PushReply(accepted=True)
 
