@@ -90,8 +90,8 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=16,
         metavar="N",
-        help="updates received at the same time; the rest wait, which bounds upload memory "
-        "(default: 16)",
+        help="updates received or waiting for the engine at the same time; the rest wait, "
+        "which bounds upload memory (default: 16)",
     )
     p.add_argument(
         "--spool-mb",
