@@ -70,6 +70,19 @@ def check_staleness(
         raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
 
 
+def within_staleness(
+    updates: Sequence[Update], version: int, max_staleness: int | None
+) -> tuple[list[tuple[Update, int]], int]:
+    """The updates no staler than ``max_staleness`` (all with ``None``), each with its
+    staleness ``version - update.version``, and how many were dropped."""
+    kept = [
+        (u, version - u.version)
+        for u in updates
+        if max_staleness is None or version - u.version <= max_staleness
+    ]
+    return kept, len(updates) - len(kept)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FedBuff(optim.ServerOptimizerOptions, Strategy):
     """Buffered asynchronous aggregation with staleness weights and a server optimizer.
@@ -142,13 +155,7 @@ class FedBuff(optim.ServerOptimizerOptions, Strategy):
     def aggregate(
         self, state: State, params: Params, updates: Sequence[Update], round: Round
     ) -> tuple[Params, State, Metrics]:
-        taus = [round.version - u.version for u in updates]
-        kept = [
-            (u, t)
-            for u, t in zip(updates, taus, strict=True)
-            if self.max_staleness is None or t <= self.max_staleness
-        ]
-        dropped = len(updates) - len(kept)
+        kept, dropped = within_staleness(updates, round.version, self.max_staleness)
         if not kept:
             return params, state, {"stale_dropped": float(dropped)}
         examples = [1.0] * len(kept)

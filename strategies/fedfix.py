@@ -22,7 +22,7 @@ from fedlab import optim
 
 # Relative, so that it resolves both as fedlab.strategies (installed) and for mypy run on the
 # strategies/ folder.
-from fedlab.strategies.fedbuff import check_staleness, staleness_weight
+from fedlab.strategies.fedbuff import check_staleness, staleness_weight, within_staleness
 from fedlab.strategy import Buffer, Period, Strategy, Trigger
 from fedlab.types import Metrics, Params, Round, State, Update
 
@@ -166,13 +166,8 @@ class FedAsync(Strategy):
     def aggregate(
         self, state: State, params: Params, updates: Sequence[Update], round: Round
     ) -> tuple[Params, State, Metrics]:
-        taus = [round.version - u.version for u in updates]
-        kept = [
-            (u, t)
-            for u, t in zip(updates, taus, strict=True)
-            if self.max_staleness is None or t <= self.max_staleness
-        ]
-        dropped = float(len(updates) - len(kept))
+        kept, n_dropped = within_staleness(updates, round.version, self.max_staleness)
+        dropped = float(n_dropped)
         if not kept:
             return params, state, {"stale_dropped": dropped}
         weights = [
