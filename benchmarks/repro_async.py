@@ -39,8 +39,7 @@ from fedlab import optim
 from fedlab.callbacks import Evaluator
 from fedlab.config import RunConfig
 from fedlab.engine import Engine
-from fedlab.sim import build_engine, build_workload
-from fedlab.sim.clock import SpeedModel
+from fedlab.sim import build_engine, build_speeds, build_workload
 from fedlab.strategies.fedfix import FedAsync
 from fedlab.types import Metrics, Params, Round, State, Update
 
@@ -97,13 +96,7 @@ class FedAsyncTimeWeighted(FedAsync):
 
 
 def fraboni_async_weights(config: RunConfig) -> tuple[float, ...]:
-    speeds = SpeedModel(
-        distribution=config.speed,
-        mean=config.speed_mean,
-        spread=config.speed_spread,
-        seed=config.seed,
-        num_clients=config.clients,
-    )
+    speeds = build_speeds(config)
     tau = [speeds.unit_time(i) for i in range(config.clients)]  # same work for every client
     inv = sum(1 / t for t in tau)
     return tuple(t * inv / config.clients for t in tau)

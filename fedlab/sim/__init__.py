@@ -192,15 +192,20 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
     return InProcessExecutor(build_runtime(config, workload))
 
 
-def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
-    """The virtual-clock transport in front of ``config``'s backend."""
-    speeds = SpeedModel(
+def build_speeds(config: RunConfig) -> SpeedModel:
+    """The simulated clients' compute speeds of ``config``."""
+    return SpeedModel(
         distribution=config.speed,
         mean=config.speed_mean,
         spread=config.speed_spread,
         seed=config.seed,
         num_clients=config.clients,
     )
+
+
+def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
+    """The virtual-clock transport in front of ``config``'s backend."""
+    speeds = build_speeds(config)
     latency = LatencyModel(
         distribution=config.latency,
         mean=config.latency_mean,
