@@ -10,6 +10,7 @@ sends resolves among fedlab's built-ins and installed entry points only: a dotte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,12 @@ from fedlab.config import ConfigError, from_mapping, load_toml
 if TYPE_CHECKING:
     from fedlab.client import ClientRuntime
     from fedlab.transport.client import Joined
+
+# gRPC's C core logs every failed TLS handshake (``I1207 ... Handshake failed``) straight to
+# stderr; the client explains those failures in one line of its own, so the core's lines are
+# for debugging only (GRPC_VERBOSITY=DEBUG shows them). Set before anything imports grpc:
+# the ``fedlab`` command imports this module before any subcommand runs.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 # Simulated attacks are the server's test device; a deployed client never poisons itself.
 NOT_FROM_SERVER = ("byzantine", "attack", "attack_options", "out", "device", "threads")
@@ -142,7 +149,12 @@ def runtime_builder(local: dict[str, Any]) -> Callable[[Joined], ClientRuntime]:
 def run(args: argparse.Namespace) -> int:
     """Serve tasks until the server's run is finished."""
     from fedlab.transport.client import ClientError, Connection, run_client
-    from fedlab.transport.security import SecurityError, client_credentials, is_loopback
+    from fedlab.transport.security import (
+        SecurityError,
+        client_cert_files,
+        client_credentials,
+        is_loopback,
+    )
 
     if args.insecure == bool(args.certs):
         raise SecurityError(
@@ -164,13 +176,19 @@ def run(args: argparse.Namespace) -> int:
             raise SecurityError(f"cannot read token file {args.token_file}: {e}") from e
     local: dict[str, Any] = load_toml(args.config) if args.config else {}
     local.update(given_flags(args))
-    credentials = client_credentials(args.certs, args.client_id) if args.certs else None
+    credentials, cert = None, None
+    if args.certs:
+        # Without a token a client certificate is this client's only proof of identity.
+        credentials = client_credentials(args.certs, args.client_id, require=not token)
+        pem = client_cert_files(args.certs, args.client_id)[0]
+        cert = str(pem) if pem.exists() else None
     conn = Connection(
         args.server,
         args.client_id,
         credentials=credentials,
         token=token,
         server_name=args.server_name,
+        client_cert=cert,
     )
     try:
         # Also around training: a name resolved lazily is held to the same paths.
