@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--certs",
         metavar="DIR",
-        help="directory with ca.pem (and client-ID.pem/.key for mutual TLS)",
+        help="directory with ca.pem and client-ID.pem/.key (mutual TLS; the client's own "
+        "certificate is optional only with a token, for a --tls-only server)",
     )
     p.add_argument("--insecure", action="store_true", help="plaintext; only to a loopback address")
     p.add_argument("--token", metavar="TOKEN", help="this client's token")
