@@ -253,7 +253,9 @@ class Policy:
 def server_credentials(certs: str | os.PathLike[str], *, mutual: bool) -> grpc.ServerCredentials:
     """gRPC server credentials from a ``fedlab certs`` directory."""
     d = Path(certs)
-    key, chain, ca = _read(d / SERVER_KEY), _read(d / SERVER), _read(d / CA)
+    hint = f"`fedlab certs --out {d}` makes the server's certificates"
+    key, chain = _read(d / SERVER_KEY, hint=hint), _read(d / SERVER, hint=hint)
+    ca = _read(d / CA, hint=hint)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=ca, require_client_auth=mutual
     )
@@ -284,7 +286,7 @@ def client_credentials(
             exists without the other; or ``require`` and the client has neither.
     """
     d = Path(certs)
-    ca = _read(d / CA, hint=f"it comes from {MAKE_CERTS.replace('DIR', str(d))}")
+    ca = _read(d / CA, hint=f"copy it from the directory {MAKE_CERTS} wrote")
     if client_id is None:
         return grpc.ssl_channel_credentials(root_certificates=ca)
     cert_path, key_path = client_cert_files(d, client_id)
