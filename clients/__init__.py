@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedlab.registry import BUILTIN, load_dotted
+from fedlab.registry import BUILTIN, import_builtin
 
 __all__ = ["LocalSGD"]
 
@@ -13,5 +13,5 @@ def __getattr__(name: str) -> Any:
     for group in ("clients", "transforms"):
         for path in BUILTIN[group].values():
             if path.rsplit(":", 1)[1] == name:
-                return load_dotted(path)
+                return import_builtin(path)
     raise AttributeError(f"module 'fedlab.clients' has no attribute {name!r}")

@@ -39,7 +39,7 @@ from torch import nn
 
 from fedlab import seeding
 from fedlab.data import ClientData, Workload
-from fedlab.registry import load_dotted
+from fedlab.registry import import_builtin, load_dotted
 from fedlab.types import Params, Round, Update
 
 __all__ = [
@@ -417,7 +417,7 @@ def _create(name: str, options: Mapping[str, Any]) -> object:
     if ":" in name:
         cls = load_dotted(name)
     elif name in ATTACKS:
-        cls = load_dotted(ATTACKS[name])
+        cls = import_builtin(ATTACKS[name])
     else:
         raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
     if dataclasses.is_dataclass(cls):

@@ -678,6 +678,7 @@ class _CustomWorkload:
             raise ValueError(f"data {data!r} is not callable (got {type(loader).__name__})")
         self._loader: Callable[..., object] = loader
         self._source = f"data function {data!r}"
+        # load_dotted imported (and, in a deployed client, checked) this module just above.
         module = importlib.import_module(data.partition(":")[0])
         load_test = getattr(module, "load_test", None)
         if callable(load_test):

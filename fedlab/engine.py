@@ -320,12 +320,15 @@ class Engine:
     # ------------------------------------------------------------------ receiving
 
     def _reject(self, update: Update, reason: str) -> None:
+        self._count_rejected(reason)
+        if self.on_reject is not None:
+            self.on_reject(update, reason)
+
+    def _count_rejected(self, reason: str) -> None:
         self.counters.rejected += 1
         self._log.rejected += 1
         if len(self._log.reasons) < 5:
             self._log.reasons.append(reason)
-        if self.on_reject is not None:
-            self.on_reject(update, reason)
 
     def _receive(self, update: Update) -> None:
         self.counters.received += 1
@@ -379,6 +382,9 @@ class Engine:
         if self.inflight.get(failure.client_id) != failure.version:
             return
         self._finish(failure.client_id)
+        if failure.refused:  # the transport refused the update before the engine saw it
+            self._count_rejected(failure.reason)
+            return
         self.counters.failed += 1
         self._log.failed += 1
 

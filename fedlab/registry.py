@@ -5,14 +5,21 @@ with :func:`register`, shipped with fedlab (``BUILTIN``), published by an instal
 under the entry-point groups ``fedlab.strategies``, ``fedlab.clients`` or ``fedlab.transforms``.
 A name containing ``:`` is a dotted path ``package.module:Class``. Nothing is imported until
 it is asked for, so ``import fedlab`` stays cheap.
+
+Where names arrive from someone else (a deployed client builds its run from the configuration
+the server sends), :func:`trusted_paths` limits dotted paths to those the local user named:
+inside it every other dotted path is refused before anything is imported, whichever setting
+carried it, while built-ins, installed entry points and registered names resolve as always.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -80,8 +87,68 @@ def names(group: Group) -> list[str]:
     return sorted(set(_registered[g]) | set(BUILTIN[g]) | set(_entry_points(g)))
 
 
+class UntrustedCode(ValueError):
+    """A dotted path outside the paths trusted by :func:`trusted_paths` was asked for.
+
+    Attributes:
+        path: the refused path.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"refusing to import {path!r}: only dotted paths named by this process's own "
+            "settings may be imported here"
+        )
+        self.path = path
+
+
+# ``None``: any dotted path may be imported (the local user named it: simulate, server, the
+# Python API). A set: only those. A context variable, so the limit holds for exactly the
+# code that runs inside :func:`trusted_paths`, and a test or another thread is not affected.
+_trusted: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "fedlab_trusted_paths", default=None
+)
+
+
+@contextlib.contextmanager
+def trusted_paths(paths: Iterable[str]) -> Iterator[frozenset[str]]:
+    """Within the block, :func:`load_dotted` imports only ``paths`` (nested blocks intersect).
+
+    Built-ins, installed entry points and :func:`register`-ed names are unaffected: they are
+    code this installation already chose to run. Every dotted path any setting names (a
+    strategy, client, codec, attack, model factory or data function) passes through
+    :func:`load_dotted`, so this is the one check between a name and ``importlib``.
+    """
+    allowed = frozenset(paths)
+    outer = _trusted.get()
+    if outer is not None:
+        allowed &= outer
+    token = _trusted.set(allowed)
+    try:
+        yield allowed
+    finally:
+        _trusted.reset(token)
+
+
 def load_dotted(path: str) -> Any:
-    """Import ``package.module:attr`` (``attr`` may be dotted), with a clear error."""
+    """Import ``package.module:attr`` (``attr`` may be dotted), with a clear error.
+
+    Raises:
+        UntrustedCode: inside :func:`trusted_paths`, ``path`` is not one of the trusted
+            paths (checked before anything is imported).
+        ValueError: ``path`` is malformed or cannot be imported.
+    """
+    trusted = _trusted.get()
+    if trusted is not None and path not in trusted:
+        raise UntrustedCode(path)
+    return import_builtin(path)
+
+
+def import_builtin(path: str) -> Any:
+    """Import a dotted path that fedlab itself names (``BUILTIN``, the built-in attacks).
+
+    Unchecked by :func:`trusted_paths`: never pass it a path that came from a setting.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{path!r} is not a dotted path of the form 'package.module:Name'")
@@ -115,7 +182,7 @@ def resolve(group: Group, name: str) -> Any:
     if name in _registered[g]:
         return _registered[g][name]
     if name in BUILTIN[g]:
-        return load_dotted(BUILTIN[g][name])
+        return import_builtin(BUILTIN[g][name])
     eps = _entry_points(g)
     if name in eps:
         return eps[name].load()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedlab.registry import BUILTIN, load_dotted
+from fedlab.registry import BUILTIN, import_builtin
 
 __all__ = [
     "ADMMWLS",
@@ -35,5 +35,5 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     for path in BUILTIN["strategies"].values():
         if path.rsplit(":", 1)[1] == name:
-            return load_dotted(path)
+            return import_builtin(path)
     raise AttributeError(f"module 'fedlab.strategies' has no attribute {name!r}")

@@ -19,7 +19,7 @@ from conftest import small_config
 from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.sim import build_engine
-from fedlab.transport import server
+from fedlab.transport import Failure, server
 from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
 from fedlab.transport.codec import Assembler, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import (
@@ -215,8 +215,9 @@ def test_security_matrix(mode: str, certs: Path, other_ca: Path) -> None:
         t.close()
 
 
-def _push_raw(conn: Connection, chunks: list[pb.UpdateChunk]) -> None:
-    conn.stub.PushUpdate(iter(chunks), timeout=10, metadata=conn.metadata)
+def _push_raw(conn: Connection, chunks: list[pb.UpdateChunk]) -> pb.PushReply:
+    reply: pb.PushReply = conn.stub.PushUpdate(iter(chunks), timeout=10, metadata=conn.metadata)
+    return reply
 
 
 def test_refused_updates_leave_the_run_untouched() -> None:
@@ -227,22 +228,8 @@ def test_refused_updates_leave_the_run_untouched() -> None:
         got = conn.pull(1.0)
         assert isinstance(got, Assigned)
         update = Update(0, 4, {k: torch.zeros_like(v) for k, v in PARAMS.items()}, 3)
-        header = pb.UpdateHeader(
-            client_id=0,
-            version=4,
-            task_id=got.task_id,
-            num_examples=3,
-            total_bytes=payload_bytes(update.payload),
-            tensors=2,
-        )
         body = [pb.UpdateChunk.FromString(b) for b in encode(update.payload)]
-        bad_dtype = [
-            pb.UpdateChunk(header=header),
-            pb.UpdateChunk(
-                tensors=[pb.Tensor(name="w", dtype="object", shape=[6], codec="raw", data=b"")],
-                checksum=b"x",
-            ),
-        ]
+        # Updates that do not answer the client's current task: refused with a gRPC error.
         cases: dict[str, Callable[[], object]] = {
             "unassigned version": lambda: conn.push(Update(0, 3, update.payload, 3), got.task_id),
             "future version": lambda: conn.push(Update(0, 99, update.payload, 3), got.task_id),
@@ -252,38 +239,6 @@ def test_refused_updates_leave_the_run_untouched() -> None:
             ),
             "no header": lambda: _push_raw(conn, body),
             "empty stream": lambda: _push_raw(conn, []),
-            "bad checksum": lambda: _push_raw(
-                conn,
-                [
-                    pb.UpdateChunk(header=header),
-                    *body[:-1],
-                    pb.UpdateChunk(tensors=body[-1].tensors, checksum=b"\0" * 4),
-                ],
-            ),
-            "no checksum": lambda: _push_raw(
-                conn, [pb.UpdateChunk(header=header), pb.UpdateChunk(tensors=body[-1].tensors)]
-            ),
-            "unknown dtype": lambda: _push_raw(conn, bad_dtype),
-            "oversized": lambda: _push_raw(
-                conn,
-                [
-                    pb.UpdateChunk(
-                        header=pb.UpdateHeader(
-                            client_id=0,
-                            version=4,
-                            task_id=got.task_id,
-                            total_bytes=1 << 40,
-                            tensors=1,
-                        )
-                    )
-                ],
-            ),
-            "non-finite metrics": lambda: conn.push(
-                Update(0, 4, update.payload, 3, {"loss": float("nan")}), got.task_id
-            ),
-            "second header": lambda: _push_raw(
-                conn, [pb.UpdateChunk(header=header), pb.UpdateChunk(header=header), *body]
-            ),
         }
         for what, call in cases.items():
             code = refused(call)
@@ -301,6 +256,58 @@ def test_refused_updates_leave_the_run_untouched() -> None:
             grpc.StatusCode.FAILED_PRECONDITION
         ), "a replayed update was accepted"
         assert t.next_update(0.0) is None
+    finally:
+        t.close()
+
+
+def test_a_bad_answer_to_the_current_task_is_refused_and_consumes_it() -> None:
+    t = serve(Policy(num_clients=1))
+    update = Update(0, 4, {k: torch.zeros_like(v) for k, v in PARAMS.items()}, 3)
+    body = [pb.UpdateChunk.FromString(b) for b in encode(update.payload)]
+
+    def header(task_id: str, **kw: Any) -> pb.UpdateChunk:
+        fields: dict[str, Any] = dict(
+            client_id=0, version=4, task_id=task_id, num_examples=3, tensors=2
+        )
+        fields["total_bytes"] = payload_bytes(update.payload)
+        return pb.UpdateChunk(header=pb.UpdateHeader(**{**fields, **kw}))
+
+    cases: dict[str, Callable[[str], list[pb.UpdateChunk]]] = {
+        "bad checksum": lambda tid: [
+            header(tid),
+            *body[:-1],
+            pb.UpdateChunk(tensors=body[-1].tensors, checksum=b"\0" * 4),
+        ],
+        "no checksum": lambda tid: [header(tid), pb.UpdateChunk(tensors=body[-1].tensors)],
+        "unknown dtype": lambda tid: [
+            header(tid),
+            pb.UpdateChunk(
+                tensors=[pb.Tensor(name="w", dtype="object", shape=[6], codec="raw", data=b"")],
+                checksum=b"x",
+            ),
+        ],
+        "oversized": lambda tid: [header(tid, total_bytes=1 << 40, tensors=1)],
+        "non-finite metrics": lambda tid: [header(tid, metrics={"loss": float("nan")}), *body],
+        "second header": lambda tid: [header(tid), header(tid), *body],
+    }
+    try:
+        conn = connect(t, 0)
+        for what, chunks in cases.items():
+            t.submit(0, Task(4, PARAMS))
+            got = conn.pull(1.0)
+            assert isinstance(got, Assigned)
+            reply = _push_raw(conn, chunks(got.task_id))
+            assert reply.status == pb.PushReply.REFUSED and not reply.accepted, what
+            assert reply.reason.startswith("client 0: "), (what, reply.reason)
+            event = t.next_update(0.0)
+            assert isinstance(event, Failure) and event.refused, (what, event)
+            assert (event.client_id, event.version, event.reason) == (0, 4, reply.reason)
+            assert 0 not in t._tasks and t.next_update(0.0) is None, what
+            # The consumed task cannot be answered any more, not even correctly.
+            assert refused(lambda g=got: conn.push(update, g.task_id)) == (
+                grpc.StatusCode.FAILED_PRECONDITION
+            ), what
+        assert len(t.refused) == 2 * len(cases)
     finally:
         t.close()
 

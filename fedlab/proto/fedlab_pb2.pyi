@@ -119,10 +119,22 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "status", "reason")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[PushReply.Status]
+        ACCEPTED: _ClassVar[PushReply.Status]
+        REFUSED: _ClassVar[PushReply.Status]
+    STATUS_UNSPECIFIED: PushReply.Status
+    ACCEPTED: PushReply.Status
+    REFUSED: PushReply.Status
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
-    def __init__(self, accepted: bool = ...) -> None: ...
+    status: PushReply.Status
+    reason: str
+    def __init__(self, accepted: bool = ..., status: _Optional[_Union[PushReply.Status, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "task_id")

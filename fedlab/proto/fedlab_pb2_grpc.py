@@ -74,7 +74,8 @@ class FederationServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def PushUpdate(self, request_iterator, context):
-        """Upload an update: a header, then the payload in pieces, then the checksum.
+        """Upload an update: a header, then the payload in pieces, then the checksum. An update for
+        the client's current task that the server refuses is answered with status REFUSED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

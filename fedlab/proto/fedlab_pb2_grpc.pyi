@@ -45,7 +45,9 @@ class FederationStub:
     PullTask: _grpc.UnaryStreamMultiCallable[_fedlab_pb2.PullRequest, _fedlab_pb2.TaskChunk]
     """Long-poll for the client's task: a header, then the params in pieces, then the checksum."""
     PushUpdate: _grpc.StreamUnaryMultiCallable[_fedlab_pb2.UpdateChunk, _fedlab_pb2.PushReply]
-    """Upload an update: a header, then the payload in pieces, then the checksum."""
+    """Upload an update: a header, then the payload in pieces, then the checksum. An update for
+    the client's current task that the server refuses is answered with status REFUSED.
+    """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_fedlab_pb2.HeartbeatRequest, _fedlab_pb2.HeartbeatReply]
     """Tell the server the client is alive (and still training the named task)."""
 
@@ -57,7 +59,9 @@ class FederationAsyncStub(FederationStub):
     PullTask: _aio.UnaryStreamMultiCallable[_fedlab_pb2.PullRequest, _fedlab_pb2.TaskChunk]  # type: ignore[assignment]
     """Long-poll for the client's task: a header, then the params in pieces, then the checksum."""
     PushUpdate: _aio.StreamUnaryMultiCallable[_fedlab_pb2.UpdateChunk, _fedlab_pb2.PushReply]  # type: ignore[assignment]
-    """Upload an update: a header, then the payload in pieces, then the checksum."""
+    """Upload an update: a header, then the payload in pieces, then the checksum. An update for
+    the client's current task that the server refuses is answered with status REFUSED.
+    """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_fedlab_pb2.HeartbeatRequest, _fedlab_pb2.HeartbeatReply]  # type: ignore[assignment]
     """Tell the server the client is alive (and still training the named task)."""
 
@@ -84,7 +88,9 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_fedlab_pb2.UpdateChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_fedlab_pb2.PushReply, _abc.Awaitable[_fedlab_pb2.PushReply]]:
-        """Upload an update: a header, then the payload in pieces, then the checksum."""
+        """Upload an update: a header, then the payload in pieces, then the checksum. An update for
+        the client's current task that the server refuses is answered with status REFUSED.
+        """
 
     @_abc_1.abstractmethod
     def Heartbeat(

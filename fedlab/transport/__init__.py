@@ -15,11 +15,14 @@ from fedlab.types import ClientId, State, Task, Update
 
 @dataclass(frozen=True)
 class Failure:
-    """A client gave up on its task (crashed, disconnected, timed out on its side)."""
+    """A client gave up on its task (crashed, disconnected, timed out on its side), or the
+    transport refused the update it sent for it (``refused``: malformed, non-finite metrics,
+    too large). Either way the task is over: the engine counts a refused one as rejected."""
 
     client_id: ClientId
     version: int
     reason: str = ""
+    refused: bool = False
 
 
 class Transport(Protocol):

@@ -27,7 +27,12 @@ from fedlab.client import ClientRuntime
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
-from fedlab.transport.security import TOKEN_HEADER
+from fedlab.transport.security import (
+    TOKEN_HEADER,
+    SecurityError,
+    check_run_id,
+    explain_connection_failure,
+)
 from fedlab.transport.server import OPTIONS
 from fedlab.types import State, Task, Update
 
@@ -78,6 +83,7 @@ class Connection:
         credentials: gRPC channel credentials, or ``None`` for plaintext.
         token: sent with every call when given.
         server_name: the name to expect in the server's certificate (default: the host).
+        client_cert: the certificate file ``credentials`` present, if any (for messages).
     """
 
     def __init__(
@@ -88,8 +94,11 @@ class Connection:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         server_name: str | None = None,
+        client_cert: str | None = None,
     ) -> None:
         self.client_id = client_id
+        self.tls = credentials is not None
+        self.client_cert = client_cert
         options = list(OPTIONS)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -160,8 +169,13 @@ class Connection:
             raise WireError("task config is not a JSON object")
         return Assigned(Task(int(h.version), params, config), h.task_id)
 
-    def push(self, update: Update, task_id: str, timeout: float = 600.0) -> None:
-        """Stream ``update`` to the server."""
+    def push(self, update: Update, task_id: str, timeout: float = 600.0) -> str | None:
+        """Stream ``update`` to the server.
+
+        Returns:
+            ``None`` once the server accepted it, else why the server refused it: then its
+            task is consumed all the same (pull a new one; never retrain it).
+        """
         header = pb.UpdateHeader(
             client_id=self.client_id,
             version=update.version,
@@ -176,7 +190,10 @@ class Connection:
             yield pb.UpdateChunk(header=header).SerializeToString()
             yield from encode(update.payload)
 
-        self._push_update(chunks(), timeout=timeout, metadata=self.metadata)
+        reply = self._push_update(chunks(), timeout=timeout, metadata=self.metadata)
+        if reply.status == pb.PushReply.REFUSED:
+            return reply.reason or "refused"
+        return None
 
     def heartbeat(self, task_id: str = "", timeout: float = 10.0) -> bool:
         """Tell the server this client is alive; ``True`` once the run is finished."""
@@ -258,7 +275,8 @@ def run_client(
         log: where progress and retries are reported (``None``: nowhere).
 
     Raises:
-        ClientError: the server refused this client, or was unreachable for ``give_up`` s.
+        ClientError: the server refused this client, sent an invalid run id, could not be
+            reached for ``give_up`` s, or the first connection failed its TLS handshake.
     """
     backoff = backoff or Backoff()
     cid = conn.client_id
@@ -271,6 +289,7 @@ def run_client(
     limit: int | None = None
     done = 0
     last_contact = time.monotonic()
+    reached = False  # the server answered a call at least once
 
     def say(message: str) -> None:
         if log is not None:
@@ -280,6 +299,11 @@ def run_client(
         try:
             if joined is None:
                 joined = conn.join()
+                reached = True
+                try:
+                    check_run_id(joined.run, source="the run id the server sent")
+                except SecurityError as e:
+                    raise ClientError(str(e)) from None
                 if runtime is None:
                     runtime = build(joined)
                     # Tasks carry this model's params: refuse anything much larger.
@@ -293,7 +317,7 @@ def run_client(
             if pending is not None:
                 update, task_id, new_state = pending
                 try:
-                    conn.push(update, task_id)
+                    refused = conn.push(update, task_id)
                 except grpc.RpcError as e:
                     if e.code() not in (
                         grpc.StatusCode.FAILED_PRECONDITION,
@@ -302,12 +326,17 @@ def run_client(
                         raise
                     say(f"update for version {update.version} refused: {e.details()}")
                 else:
-                    if answered is None or answered[0] != task_id:
+                    if refused is not None:
+                        # Its task is consumed: keep the state the server's view of this client
+                        # matches, and take the next task the next pull brings.
+                        say(f"update for version {update.version} refused: {refused}")
+                    elif answered is None or answered[0] != task_id:
                         state = new_state
                         if state_path is not None:
                             tensorio.save(state_path, state)
                         done += 1
-                    answered = (task_id, update)
+                    if refused is None:
+                        answered = (task_id, update)
                 pending = None
             got = conn.pull(poll, limit)
             last_contact = time.monotonic()
@@ -334,6 +363,15 @@ def run_client(
             code = e.code()
             if code not in RETRY:
                 raise ClientError(f"the server refused client {cid}: {e.details()}") from e
+            if code == grpc.StatusCode.UNAVAILABLE and not reached:
+                # Refused in the TLS handshake before any call was answered: a setting to
+                # fix, not a blip to wait out. (Once the server answered, a closed socket is
+                # more likely a restart, and is retried.)
+                tls = explain_connection_failure(
+                    e.details() or "", tls=conn.tls, client_cert=conn.client_cert
+                )
+                if tls is not None:
+                    raise ClientError(tls) from e
             if time.monotonic() - last_contact > give_up:
                 raise ClientError(
                     f"could not reach the server for {give_up:g} s: {e.details()}"

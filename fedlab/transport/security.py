@@ -13,6 +13,7 @@ import datetime
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,27 @@ SERVER = "server.pem"
 SERVER_KEY = "server.key"
 ALWAYS_NAMES = ("localhost", "127.0.0.1")
 TOKEN_HEADER = "fedlab-token"
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""The alphabet of run ids: a client names its state file after the run, so an id from the
+wire must never be a path."""
 
 
 class SecurityError(ValueError):
     """A security setting is missing, unreadable or unsafe."""
+
+
+def check_run_id(run: str, *, source: str = "run id") -> str:
+    """``run`` when it is a valid run id (1 to 64 of ``A-Z a-z 0-9 . _ -``, not ``.``/``..``).
+
+    Raises:
+        SecurityError: naming ``source`` and the allowed alphabet.
+    """
+    if not RUN_ID.fullmatch(run) or run in (".", ".."):
+        raise SecurityError(
+            f"{source} {run[:80]!r} is not valid: a run id is 1 to 64 of the characters "
+            "A-Z a-z 0-9 . _ - (and not '.' or '..')"
+        )
+    return run
 
 
 def client_name(client_id: int) -> str:
@@ -235,30 +253,127 @@ class Policy:
 def server_credentials(certs: str | os.PathLike[str], *, mutual: bool) -> grpc.ServerCredentials:
     """gRPC server credentials from a ``fedlab certs`` directory."""
     d = Path(certs)
-    key, chain, ca = _read(d / SERVER_KEY), _read(d / SERVER), _read(d / CA)
+    hint = f"`fedlab certs --out {d}` makes the server's certificates"
+    key, chain = _read(d / SERVER_KEY, hint=hint), _read(d / SERVER, hint=hint)
+    ca = _read(d / CA, hint=hint)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=ca, require_client_auth=mutual
     )
 
 
-def client_credentials(
-    certs: str | os.PathLike[str], client_id: int | None
-) -> grpc.ChannelCredentials:
-    """gRPC channel credentials: trust the run's CA; present ``client-<id>`` when it exists."""
+MAKE_CERTS = "`fedlab certs --out DIR --clients N` (ids 0 .. N-1)"
+
+
+def client_cert_files(certs: str | os.PathLike[str], client_id: int) -> tuple[Path, Path]:
+    """``client-<id>.pem`` and ``client-<id>.key`` in ``certs``."""
     d = Path(certs)
-    ca = _read(d / CA)
+    return d / f"{client_name(client_id)}.pem", d / f"{client_name(client_id)}.key"
+
+
+def client_credentials(
+    certs: str | os.PathLike[str], client_id: int | None, *, require: bool = False
+) -> grpc.ChannelCredentials:
+    """gRPC channel credentials: trust the run's CA; present ``client-<id>`` when it exists.
+
+    Args:
+        certs: a directory from ``fedlab certs`` (at least ``ca.pem``).
+        client_id: whose certificate to present (``None``: none, server-only TLS).
+        require: refuse when ``client-<id>.pem``/``.key`` are missing (a client with no
+            token can prove who it is only with them).
+
+    Raises:
+        SecurityError: ``ca.pem`` is missing or unreadable; one of the client's two files
+            exists without the other; or ``require`` and the client has neither.
+    """
+    d = Path(certs)
+    ca = _read(d / CA, hint=f"copy it from the directory {MAKE_CERTS} wrote")
     if client_id is None:
         return grpc.ssl_channel_credentials(root_certificates=ca)
-    key_path, cert_path = d / f"{client_name(client_id)}.key", d / f"{client_name(client_id)}.pem"
-    if not key_path.exists():
+    cert_path, key_path = client_cert_files(d, client_id)
+    present = [p.exists() for p in (cert_path, key_path)]
+    if any(present) and not all(present):
+        have, lack = (cert_path, key_path) if present[0] else (key_path, cert_path)
+        raise SecurityError(
+            f"{have} exists but {lack} does not: copy both files of client {client_id} "
+            f"from the directory {MAKE_CERTS} wrote"
+        )
+    if not any(present):
+        if require:
+            raise SecurityError(
+                f"no certificate for client {client_id}: {cert_path} and {key_path} are "
+                f"missing; {MAKE_CERTS} makes them (copy this client's pair), or, when the "
+                "server runs with --tls-only --tokens, pass this client's --token"
+            )
         return grpc.ssl_channel_credentials(root_certificates=ca)
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=_read(key_path), certificate_chain=_read(cert_path)
     )
 
 
-def _read(path: Path) -> bytes:
+def explain_connection_failure(
+    details: str, *, tls: bool, client_cert: str | None = None
+) -> str | None:
+    """Why a client could not reach the server, when gRPC's ``details`` point at TLS.
+
+    Returns ``"TLS handshake failed: ..."`` with the likely cause, or ``None`` when the
+    failure is not a TLS one (the server is down, the address is wrong).
+
+    Args:
+        details: the details of a call that failed with ``UNAVAILABLE``.
+        tls: whether this client speaks TLS.
+        client_cert: the certificate file this client presents, if any.
+    """
+    text = details.lower()
+    if "handshake failed" in text or "verification check failed" in text:
+        if "wrong_version_number" in text:
+            cause = (
+                "the server speaks plaintext (started with --insecure): connect with "
+                "--insecure on a loopback address, or start the server with --certs"
+            )
+        elif "hostname verification" in text or "peer name" in text:
+            cause = (
+                "the server's certificate does not name the host this client connects to: "
+                "pass --server-name NAME, or remake the certificates with "
+                "`fedlab certs --server-name HOST`"
+            )
+        elif any(s in text for s in ("certificate", "signature", "issuer", "verify")):
+            cause = (
+                "the server's certificate is not signed by this client's ca.pem: copy ca.pem "
+                "from the directory `fedlab certs` wrote for this server"
+            )
+        else:
+            cause = "check that client and server use certificates from one `fedlab certs`"
+        return f"TLS handshake failed: {cause} ({_last_error(details)})"
+    if "socket closed" in text or "connection reset" in text:
+        # The server hung up before answering a single call: it refused the handshake.
+        if not tls:
+            cause = (
+                "the server closed the connection; it probably speaks TLS and this client "
+                "is plaintext (--insecure): connect with --certs DIR"
+            )
+        elif client_cert is None:
+            cause = (
+                "the server closed the connection; it probably requires a client certificate "
+                "(mutual TLS) and this client presents none: put client-ID.pem/.key from "
+                f"{MAKE_CERTS} in the --certs directory"
+            )
+        else:
+            cause = (
+                f"the server closed the connection; it probably does not accept {client_cert} "
+                "(signed by another CA than the server's?)"
+            )
+        return f"TLS handshake failed: {cause} ({_last_error(details)})"
+    return None
+
+
+def _last_error(details: str) -> str:
+    """gRPC's ``failed to connect ...; last error: X`` reduced to ``X``."""
+    return details.rsplit("last error:", 1)[-1].strip()
+
+
+def _read(path: Path, *, hint: str = "") -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise SecurityError(f"cannot read {path}: {e}") from e
+        reason = e.strerror or str(e)
+        raise SecurityError(f"cannot read {path}: {reason}{'; ' + hint if hint else ''}") from e

@@ -32,7 +32,7 @@ import torch
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.transport import Failure
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
-from fedlab.transport.security import TOKEN_HEADER, Policy
+from fedlab.transport.security import TOKEN_HEADER, Policy, check_run_id
 from fedlab.types import ClientId, Params, State, Task, Update
 
 MAX_WAIT = 30.0
@@ -81,7 +81,8 @@ class GrpcTransport:
         policy: who is admitted.
         credentials: gRPC server credentials, or ``None`` for plaintext (the caller decides
             whether that is allowed).
-        run: the run's fingerprint, told to joining clients.
+        run: the run's id (its fingerprint), told to joining clients; see
+            :func:`~fedlab.transport.security.check_run_id`.
         config_toml: the run configuration, told to joining clients.
         heartbeat: seconds between a training client's heartbeats.
         stall_timeout: seconds without a sign of life after which a task fails.
@@ -106,7 +107,7 @@ class GrpcTransport:
         address: str,
         policy: Policy,
         credentials: grpc.ServerCredentials | None,
-        run: str = "",
+        run: str = "run",
         config_toml: str = "",
         heartbeat: float = 5.0,
         stall_timeout: float = 30.0,
@@ -119,7 +120,7 @@ class GrpcTransport:
     ) -> None:
         self.num_clients = num_clients
         self.policy = policy
-        self.run = run
+        self.run = check_run_id(run)  # clients name their state files after it
         self.config_toml = config_toml
         self.heartbeat = heartbeat
         self.stall_timeout = stall_timeout
@@ -278,10 +279,13 @@ class GrpcTransport:
             self._seen[client_id] = time.monotonic()
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
+        self._note_refusal(context, reason)
+        context.abort(code, reason)
+
+    def _note_refusal(self, context: grpc.ServicerContext, reason: str) -> None:
         self.refused.append(reason)
         if self.log is not None:
             print(f"fedlab server: refused {context.peer()}: {reason}", file=self.log, flush=True)
-        context.abort(code, reason)
 
     def _alive(self, client_id: ClientId, task_id: str = "") -> None:
         a = self._tasks.get(client_id)
@@ -382,7 +386,10 @@ class GrpcTransport:
             with self._cond:
                 self._alive(cid, h.task_id)  # waiting for its turn is no stall
         try:
-            payload, metrics = self._receive(cid, h, a.limit, first, chunks, context)
+            payload, metrics = self._receive(cid, h, a.limit, first, chunks)
+        except WireError as e:
+            self._uploads.release()
+            return self._refuse_update(context, cid, h, str(e))
         except BaseException:
             self._uploads.release()
             raise
@@ -405,7 +412,24 @@ class GrpcTransport:
         if reason is not None:
             self._uploads.release()
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
-        return pb.PushReply(accepted=True)
+        return pb.PushReply(accepted=True, status=pb.PushReply.ACCEPTED)
+
+    def _refuse_update(
+        self, context: grpc.ServicerContext, cid: ClientId, h: pb.UpdateHeader, reason: str
+    ) -> pb.PushReply:
+        """Refuse the update for the client's current task, and consume that task.
+
+        Left assigned, the task would be pulled, retrained and refused again, in a loop as
+        fast as the client trains; consumed, the engine counts it as rejected and may hand
+        the client a new one.
+        """
+        with self._cond:
+            if self._unassigned(cid, self._tasks.get(cid), h.version, h.task_id) is None:
+                del self._tasks[cid]
+                self._events.append(Failure(cid, int(h.version), reason, refused=True))
+                self._cond.notify_all()
+        self._note_refusal(context, reason)
+        return pb.PushReply(accepted=False, status=pb.PushReply.REFUSED, reason=reason)
 
     def _receive(
         self,
@@ -414,9 +438,13 @@ class GrpcTransport:
         limit: int,
         first: Chunk[pb.UpdateHeader],
         chunks: Iterator[Chunk[pb.UpdateHeader]],
-        context: grpc.ServicerContext,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Read one update's pieces into tensors, refusing the call on any violation."""
+        """Read one update's pieces into tensors.
+
+        Raises:
+            WireError: any violation (non-finite metrics, sizes, dtypes, checksum), naming
+                the client.
+        """
         try:
             metrics = {str(k): float(v) for k, v in h.metrics.items()}
             if not all(math.isfinite(v) for v in metrics.values()):
@@ -444,8 +472,7 @@ class GrpcTransport:
                 raise WireError("data after the checksum")
             return asm.finish(checksum), metrics
         except WireError as e:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"client {cid}: {e}")
-            raise AssertionError("unreachable") from e
+            raise WireError(f"client {cid}: {e}") from e
 
     @staticmethod
     def _unassigned(cid: int, a: _Assignment | None, version: int, task_id: str) -> str | None:
