@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlab.cli.flags import add_run_flags, given_flags
+from fedlab.cli.flags import add_run_flags, check_address, check_numbers, given_flags
 from fedlab.config import ConfigError, from_mapping, load_toml
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from fedlab.transport.client import ClientError, Connection, run_client
     from fedlab.transport.security import SecurityError, client_credentials, is_loopback
 
+    check_numbers(args, {"give_up": "positive", "client_id": ">= 0"})
+    check_address("--server", args.server, listen=False)
     if args.insecure == bool(args.certs):
         raise SecurityError(
             "choose one of --certs DIR (TLS, the default way) or --insecure (plaintext, "
