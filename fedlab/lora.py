@@ -9,8 +9,9 @@ trained in full and averaged, as the Fed-SB paper does for classification.
 Layers are found from the params alone: a layer is adapted when its ``*.weight`` entry is a
 floating 2-D tensor (``nn.Linear``; Conv2d weights are 4-D) whose layer name fully matches
 ``target`` and does not match ``head``. A model that is itself an ``nn.Linear`` is one layer
-named ``""`` (its entry is ``weight``), which the default ``target`` ``.*`` matches. ``W0`` is the initial model and is never trained; the
-engine's params are the effective model, so the ordinary evaluator runs unchanged.
+named ``""`` (its entry is ``weight``), which the default ``target`` ``.*`` matches. ``W0`` is
+the initial model and is never trained; the engine's params are the effective model, so the
+ordinary evaluator runs unchanged.
 
 Tasks carry ``W0`` under the weight's own name and the factors under ``lora.B/NAME``,
 ``lora.A/NAME`` and ``lora.R/NAME`` (``/`` never occurs in a module's state-dict names).

@@ -45,9 +45,7 @@ def maskable(params: Params) -> list[str]:
     return [
         k
         for k, v in params.items()
-        if (k == "weight" or k.endswith(".weight"))
-        and v.is_floating_point()
-        and v.dim() in (2, 4)
+        if (k == "weight" or k.endswith(".weight")) and v.is_floating_point() and v.dim() in (2, 4)
     ]
 
 

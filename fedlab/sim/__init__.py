@@ -59,14 +59,17 @@ def build_workload(config: RunConfig) -> Workload:
     )
 
 
-def check_requirements(config: RunConfig, model: torch.nn.Module) -> None:
+def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bool = True) -> None:
     """Refuse at start-up what would otherwise fail mid-run with a raw traceback: an optional
     package the run needs and lacks, or a model that ``--dp sample`` cannot train.
+
+    ``backend=False`` for a worker that only trains (a deployed client, a Ray actor): the
+    backend is the server's or driver's business.
 
     Raises:
         ValueError: one line saying what to install or to change.
     """
-    if config.backend == "ray" and importlib.util.find_spec("ray") is None:
+    if backend and config.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ValueError(
             "--backend ray needs Ray, an optional extra this installation lacks: "
             "pip install 'fedlab[ray]' (or leave --backend at inprocess)"
@@ -153,7 +156,7 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
         device=config.device,
         cache_mb=config.cache_mb,
     )
-    check_requirements(config, runtime.model)
+    check_requirements(config, runtime.model, backend=False)
     return runtime
 
 
