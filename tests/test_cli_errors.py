@@ -10,7 +10,11 @@ import errno
 import json
 import math
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -178,6 +182,21 @@ def test_a_full_or_read_only_run_directory_stops_with_one_line_and_resumes(
     assert [r["version"] for r in _rows(out)] == [1, 2, 3]
 
 
+def test_a_full_disk_before_the_first_version_leaves_nothing_and_says_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setattr(tensorio, "open", _failing_open(1, errno.ENOSPC), raising=False)
+    argv = ["simulate", *FAST, "--rounds", "1", "--out", str(out)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot write the run directory {out}: No space left on device" in line
+    assert "run the same command again" in line and "--resume" not in line
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
+
+
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only dirs"
 )
@@ -195,6 +214,46 @@ def test_a_really_read_only_run_directory_stops_with_one_line(
     finally:
         out.chmod(0o755)
     assert (out / "checkpoint.fl").read_bytes() == before
+
+
+def _read_only_mount_unavailable() -> str | None:
+    """Why a read-only bind mount in a private mount namespace cannot be made here."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare(1) for a private mount namespace"
+    with tempfile.TemporaryDirectory() as d:
+        q = shlex.quote(d)
+        probe = subprocess.run(
+            ["unshare", "-m", "sh", "-c", f"mount --bind {q} {q} && mount -o remount,ro,bind {q}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    return None if probe.returncode == 0 else f"cannot remount read-only: {probe.stderr.strip()}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_read_only_mount_unavailable() is not None, reason="no read-only mount")
+def test_a_read_only_file_system_stops_with_one_line(tmp_path: Path) -> None:
+    """A real EROFS, as root: the run directory's file system is remounted read-only in a
+    private mount namespace of the child process (nothing changes outside it)."""
+    out = tmp_path / "ro" / "run"
+    assert main(["simulate", *FAST, "--rounds", "1", "--out", str(out)]) == 0
+    before = (out / "checkpoint.fl").read_bytes()
+    ro = shlex.quote(str(out.parent))
+    fedlab = shlex.join([sys.executable, "-m", "fedlab", "simulate", "--resume", str(out)])
+    script = f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro} && exec {fedlab}"
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script + " --rounds 2 --no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    line = _one_error_line(done.stderr)
+    assert f"cannot write the run directory {out}: Read-only file system" in line
+    assert f"--resume {out}" in line
+    assert (out / "checkpoint.fl").read_bytes() == before
+    assert main(["simulate", "--resume", str(out), "--rounds", "2", "--no-progress"]) == 0
 
 
 # ------------------------------------------------------------------ item 9: failures in training

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -51,11 +52,25 @@ RUN_FILES = (
     "spool",
 )
 # A full disk, a quota or a read-only file system: the run stops, nothing stored is lost.
-DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Permission errors count only on a path inside the run directory (not, say, the user's data).
+NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
 
 
 class RunDirError(ValueError):
     """The run directory cannot be written (full, read-only, no permission)."""
+
+
+def _unwritable(error: BaseException, run_dir: Path) -> bool:
+    """Whether ``error`` says the run directory cannot be written."""
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in DISK_FULL:
+        return True
+    if error.errno not in NO_PERMISSION or error.filename is None:
+        return False
+    path = Path(os.path.abspath(os.fsdecode(error.filename)))
+    return path.is_relative_to(os.path.abspath(run_dir))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -144,17 +159,17 @@ def execute(
     except Exception as e:
         fresh = not args.resume and (not started or started[0].version == 0)
         removed = fresh and _remove_half_made(run_dir, existed)
-        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+        if isinstance(e, OSError) and _unwritable(e, run_dir):
             then = (
-                f"free space (or make {run_dir} writable) and run the same command again"
+                f"nothing was kept: free space (or make {run_dir} writable) and run the same "
+                "command again"
                 if removed or not is_run_dir(run_dir)
-                else f"once space is freed (or {run_dir} is writable), continue with: "
-                f"fedlab {command} --resume {run_dir}"
+                else f"the checkpoint is intact: once space is freed (or {run_dir} is "
+                f"writable), continue with: fedlab {command} --resume {run_dir}"
             )
             where = f" ({e.filename})" if e.filename else ""
             raise RunDirError(
-                f"cannot write the run directory {run_dir}: {e.strerror or e}{where}; the "
-                f"checkpoints already written are intact; {then}"
+                f"cannot write the run directory {run_dir}: {e.strerror or e}{where}; {then}"
             ) from e
         raise
 
