@@ -309,6 +309,21 @@ def test_a_model_that_raises_names_client_and_version_and_leaves_no_run_director
     assert main(argv) == 0  # so the same --out runs again
 
 
+def test_a_training_error_survives_pickling_for_ray_actors() -> None:
+    import pickle
+
+    from fedlab.client import TrainingError
+
+    error = TrainingError(3, 7, "ValueError: bad shape", "net.py:12 in forward")
+    again = pickle.loads(pickle.dumps(error))
+    assert (
+        str(again)
+        == str(error)
+        == ("client 3 failed training version 7: ValueError: bad shape (at net.py:12 in forward)")
+    )
+    assert (again.client_id, again.version, again.detail) == (3, 7, "ValueError: bad shape")
+
+
 def test_a_failed_fresh_run_in_an_existing_empty_directory_keeps_the_directory(
     models: str, tmp_path: Path
 ) -> None:
