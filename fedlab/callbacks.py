@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,43 @@ class Evaluator:
             row.update(self.evaluate(engine.params))
 
 
+class MetricsError(ValueError):
+    """A metrics file holds a line that is not a metrics row (before its last line)."""
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a ``metrics.jsonl`` file, and warnings about what was dropped.
+
+    A torn last line (a power loss in the middle of an append: cut short, or NUL bytes) is
+    dropped with a warning: the checkpoint, not this log, is the run's state, and a resumed
+    run writes the rows after it again.
+
+    Raises:
+        MetricsError: a line before the last one is not a JSON object; the message names the
+            file and the line.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for i in filled:
+        try:
+            row = json.loads(lines[i].decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == filled[-1]:
+                warnings.append(
+                    f"dropped the torn last line {i + 1} of {path} ({e}); the checkpoint "
+                    "holds the run's state"
+                )
+                break
+            raise MetricsError(f"{path}, line {i + 1}: not a metrics row: {e}") from e
+        rows.append(row)
+    return rows, warnings
+
+
 class MetricsLog:
     """Appends one JSON line per version to ``metrics.jsonl``.
 
@@ -91,16 +129,21 @@ class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def truncate(self, version: int) -> None:
-        """Keep only rows with ``version <= version``."""
+    def truncate(self, version: int) -> list[str]:
+        """Keep only rows with ``version <= version``; return warnings (a torn last line).
+
+        Raises:
+            MetricsError: a line other than the last is not a metrics row.
+        """
         if not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("version", 0) <= version
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
+            return []
+        rows, warnings = read_metrics(self.path)
+        keep = [r for r in rows if r.get("version", 0) <= version]
+        # Replaced atomically: a crash while rewriting must not lose the rows kept.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+        return warnings
 
     def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
         clean = {

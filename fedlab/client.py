@@ -8,6 +8,9 @@ same runtime serves in-process simulation, Ray actors and the deployed gRPC clie
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +26,50 @@ from fedlab.types import ClientId, Metrics, Params, State, Task, Update
 
 if TYPE_CHECKING:
     from fedlab.data import Workload
+
+
+class TrainingError(RuntimeError):
+    """A client's training raised: which client, which version, and the error, in one line.
+
+    Args:
+        client_id: the client that was training.
+        version: the version of its task.
+        detail: ``"TypeName: message"`` of the error.
+        where: ``"file.py:LINE in function"``, the innermost frame outside torch and fedlab
+            (the user's model or data code), or ``""``.
+
+    The arguments are the exception's ``args``, so it survives pickling (Ray actors).
+    """
+
+    def __init__(self, client_id: ClientId, version: int, detail: str, where: str = "") -> None:
+        super().__init__(client_id, version, detail, where)
+        self.client_id = client_id
+        self.version = version
+        self.detail = detail
+        self.where = where
+
+    def __str__(self) -> str:
+        at = f" (at {self.where})" if self.where else ""
+        return f"client {self.client_id} failed training version {self.version}: {self.detail}{at}"
+
+    @classmethod
+    def wrap(cls, client_id: ClientId, version: int, error: BaseException) -> TrainingError:
+        """``error`` raised while ``client_id`` trained ``version``."""
+        import fedlab.clients
+        import fedlab.strategies
+
+        frames = traceback.extract_tb(error.__traceback__)
+        library = tuple(
+            os.path.dirname(str(m.__file__)) + os.sep
+            for m in (torch, fedlab.clients, fedlab.strategies, sys.modules[__name__])
+        )
+        own = [f for f in frames if not f.filename.startswith(library)]
+        where = ""
+        if own:
+            f = own[-1]
+            where = f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+        message = " ".join(str(error).split()) or repr(error)
+        return cls(client_id, version, f"{type(error).__name__}: {message}", where)
 
 
 @dataclass(frozen=True)
@@ -168,11 +215,16 @@ class ClientRuntime:
         holds both the algorithm's and the transforms' per-client state.
         """
         state = state or {}
-        model = self.algorithm.setup(self.model, task)
-        load_params(self._slots, task.params)
-        data = self._data(client_id)
-        ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
-        fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
+        try:
+            model = self.algorithm.setup(self.model, task)
+            load_params(self._slots, task.params)
+            data = self._data(client_id)
+            ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
+            fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
+        except Exception as e:
+            # The user's model or data raising deep in a training loop: say which client and
+            # version, not only where in torch.
+            raise TrainingError.wrap(client_id, task.version, e) from e
         tctx = TransformContext(
             client_id=client_id, version=task.version, seed=self.seed, config=task.config
         )

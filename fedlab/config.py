@@ -119,6 +119,10 @@ class RunConfig:
     clip_count_stddev: float = 0.0
 
     def __post_init__(self) -> None:
+        # Types first, however the config was made (TOML, flags, or RunConfig(...) in code):
+        # a boolean is not a count and a string is not a number.
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         _positive_int(
             self,
             "clients",
@@ -137,6 +141,8 @@ class RunConfig:
             "local_steps",
             "gpus_per_worker",
             "alpha",
+            "synthetic_alpha",
+            "synthetic_beta",
             "speed_spread",
             "latency_mean",
             "latency_spread",
@@ -302,6 +308,71 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         raise ConfigError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...] | None:
+    """The scalar types (and ``NoneType``) an annotation allows, or ``None`` when it allows
+    anything else too (tuples, mappings, models, ``Any``): those are left to the class."""
+    if isinstance(annotation, str):  # ``from __future__ import annotations``: the source text
+        out: list[type] = []
+        for part in (p.strip() for p in annotation.split("|")):
+            if part == "None":
+                out.append(type(None))
+            elif part in _SCALARS:
+                out.append(_SCALARS[part])
+            else:
+                return None
+        return tuple(out)
+    if annotation in _SCALARS.values():
+        return (annotation,)
+    return None
+
+
+def coerce_options(cls: type, options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``options`` (``--strategy-opt KEY=VALUE`` pairs, a TOML table) converted to the field
+    types of the dataclass ``cls``: an int where a float is expected becomes a float, a whole
+    float where an int is expected an int, an int where only a string is expected a string.
+
+    A boolean is never a number and a string never a number, as in :func:`from_mapping`.
+    Options of other types (tuples, mappings, ``Any``) are passed on unchanged.
+
+    Raises:
+        ConfigError: an option whose value does not fit its field's type, by name.
+    """
+    types = {f.name: _scalar_types(f.type) for f in fields(cls)}
+    out = dict(options)
+    for key, value in options.items():
+        allowed = types.get(key)
+        if allowed is None:
+            continue  # unknown options are the caller's to report; other types the class's
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool):
+            if bool in allowed:
+                continue
+        elif isinstance(value, int) and int in allowed:
+            continue
+        elif isinstance(value, int) and float in allowed:
+            out[key] = float(value)
+            continue
+        elif isinstance(value, float) and float in allowed:
+            continue
+        elif isinstance(value, float) and int in allowed and value.is_integer():
+            out[key] = int(value)
+            continue
+        elif isinstance(value, str) and str in allowed:
+            continue
+        elif isinstance(value, int) and str in allowed:
+            out[key] = str(value)  # ``head=2`` reads as a number: a layer name after all
+            continue
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(
+            f"{what} option {key!r} must be {names}, got {type(value).__name__} {value!r}"
+        )
+    return out
 
 
 def from_mapping(values: Mapping[str, Any]) -> RunConfig:

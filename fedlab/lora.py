@@ -8,8 +8,10 @@ trained in full and averaged, as the Fed-SB paper does for classification.
 
 Layers are found from the params alone: a layer is adapted when its ``*.weight`` entry is a
 floating 2-D tensor (``nn.Linear``; Conv2d weights are 4-D) whose layer name fully matches
-``target`` and does not match ``head``. ``W0`` is the initial model and is never trained; the
-engine's params are the effective model, so the ordinary evaluator runs unchanged.
+``target`` and does not match ``head``. A model that is itself an ``nn.Linear`` is one layer
+named ``""`` (its entry is ``weight``), which the default ``target`` ``.*`` matches. ``W0`` is
+the initial model and is never trained; the engine's params are the effective model, so the
+ordinary evaluator runs unchanged.
 
 Tasks carry ``W0`` under the weight's own name and the factors under ``lora.B/NAME``,
 ``lora.A/NAME`` and ``lora.R/NAME`` (``/`` never occurs in a module's state-dict names).
@@ -45,8 +47,14 @@ WEIGHTINGS = ("examples", "uniform")
 
 
 def layer_of(name: str) -> str:
-    """``"0.weight" -> "0"``: the module that owns a state entry."""
+    """``"0.weight" -> "0"``: the module that owns a state entry (``""``: the root module,
+    as for a model that is a bare ``nn.Linear``)."""
     return name.rpartition(".")[0]
+
+
+def is_weight(name: str) -> bool:
+    """Whether ``name`` is a layer's ``weight`` entry, the root module's included."""
+    return name == "weight" or name.endswith(".weight")
 
 
 def head_entries(params: Params, head: str) -> list[str]:
@@ -69,7 +77,7 @@ def adapted(params: Params, target: str = ".*", head: str = "") -> list[str]:
     return [
         k
         for k, v in params.items()
-        if k.endswith(".weight")
+        if is_weight(k)
         and "/" not in k
         and v.is_floating_point()
         and v.dim() == 2

@@ -4,7 +4,9 @@ Per-record gradients (``torch.func``: ``vmap(grad(...))`` over a functional forw
 need no wrapping and no hooks), per-record clipping, and the accountant: Opacus's RDP
 accountant, kept here as a plain history of ``(noise_multiplier, sample_rate, steps)`` entries
 so that it lives in checkpointable client or strategy state and survives every version and
-resume. Opacus is the optional ``dp`` extra; it is imported only when epsilon is computed.
+resume. Opacus is a core dependency (a private run must never silently report no ``ε``); it
+is imported only when ``ε`` is computed or a model is checked, and :func:`require_opacus`
+turns an installation that lacks it into one clear line at start-up.
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import grad, vmap
 
 __all__ = [
     "NOISE",
     "History",
     "PrivacyBudgetExhausted",
+    "check_model",
     "clip_per_record",
     "compose",
     "epsilon",
     "noise_multiplier_for",
     "per_record_grads",
+    "require_opacus",
 ]
 
 NOISE = 0x4450
@@ -46,6 +51,55 @@ class PrivacyBudgetExhausted(RuntimeError):
     """
 
 
+def require_opacus() -> None:
+    """Refuse to start a private run in an installation without Opacus.
+
+    Raises:
+        ValueError: Opacus cannot be imported; the message says what to install.
+    """
+    try:
+        import opacus  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            f"differential privacy (--dp) needs Opacus, a fedlab dependency this installation "
+            f"lacks ({e}): pip install 'opacus>=1.5' (or reinstall fedlab)"
+        ) from e
+
+
+# Modules whose output for one record depends on the other records of its batch: per-record
+# gradients (and so DP-SGD's guarantee) are undefined for them in training mode. Opacus's other
+# validators (LSTM, MultiheadAttention) concern its hooks, which fedlab does not use.
+_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model that record-level DP cannot train, with Opacus's ``ModuleValidator``
+    verdict and its fix, instead of the error ``torch.func`` would raise mid-run.
+
+    Raises:
+        ValueError: the model holds BatchNorm (or InstanceNorm with running statistics).
+    """
+    require_opacus()
+    from opacus.validators import ModuleValidator
+
+    found = [
+        (name or type(model).__name__, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _BATCH_MIXING)
+    ]
+    verdicts = []
+    for name, module in found:
+        for error in ModuleValidator.validate(module, strict=False):
+            verdicts.append(f"layer {name!r}: " + " ".join(str(error).split()))
+    if verdicts:
+        raise ValueError(
+            "--dp sample cannot train this model; Opacus's ModuleValidator says: "
+            + " | ".join(verdicts)
+            + ". Fix: build the model with opacus.validators.ModuleValidator.fix(model), "
+            "which replaces BatchNorm with GroupNorm, or use a model without it"
+        )
+
+
 Forward = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 """``forward(tensors, x) -> logits``, computing with ``tensors`` in place of the trained ones."""
 
@@ -57,7 +111,7 @@ def per_record_grads(
 
     Returns ``(grads, losses, logits)``: ``grads[i]`` has a leading record dimension, and the
     per-record losses and logits come from the same forward passes. Per-record gradients are
-    undefined for BatchNorm in training mode; use models without it.
+    undefined for BatchNorm in training mode (:func:`check_model` refuses such models).
     """
 
     def loss(
@@ -128,7 +182,7 @@ def epsilon(history: History, delta: float) -> float:
     (its default orders and conversion); ``inf`` when a step had no noise.
 
     Raises:
-        ImportError: Opacus (the ``dp`` extra) is not installed.
+        ImportError: Opacus is not installed (:func:`require_opacus` says so at start-up).
     """
     steps = [(z, q, s) for z, q, s in history if s > 0]
     if not steps:

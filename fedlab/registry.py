@@ -209,6 +209,10 @@ def create(group: Group, name: str, options: Mapping[str, Any] | None = None) ->
                 f"{name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"valid options: {', '.join(valid) or 'none'}"
             )
+        if isinstance(cls, type):
+            from fedlab.config import coerce_options
+
+            options = coerce_options(cls, options, repr(name))
     try:
         return cls(**options)
     except TypeError as e:

@@ -48,7 +48,6 @@ sampling that Opacus's analysis covers. This is an upper bound, looser than the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -232,10 +231,8 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
                 v[name].add_((noise * std).to(v[name].dtype))
             steps += 1
             metrics["noise_std"] = std
-            # Opacus is the optional "dp" extra: without it no ε is reported, never a guess.
-            with contextlib.suppress(ImportError):
-                history = [[self.noise_multiplier, 1.0, float(steps)]]
-                metrics["epsilon"] = privacy.epsilon(history, self.delta)
+            history = [[self.noise_multiplier, 1.0, float(steps)]]
+            metrics["epsilon"] = privacy.epsilon(history, self.delta)
         if self.aggregator == "centered":
             v = {name: center[name] + x / k for name, x in v.items()}
         elif self.aggregator == "direct-clip":

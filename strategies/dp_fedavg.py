@@ -40,7 +40,6 @@ of that version is computed or released, and the last checkpoint is the run's fi
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -268,6 +267,5 @@ class DPFedAvg(Strategy):
         new_state = {"inner": inner, "clip": new_clip, "history": history, "counts": counts}
         out.update(metrics)
         if self.noise_multiplier > 0:
-            with contextlib.suppress(ImportError):
-                out["epsilon"] = self.spent(new_state)
+            out["epsilon"] = self.spent(new_state)
         return params, new_state, out

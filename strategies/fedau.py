@@ -16,7 +16,7 @@ unknown probabilities) reuse it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -210,6 +210,9 @@ class KnownProbability(Strategy):
     """
 
     delta_aggregation: ClassVar[str] = "linear"
+    # An oracle needs a participation model that defines the true probabilities: the default
+    # one (uniform, the server samples) does not.
+    run_defaults: ClassVar[Mapping[str, str]] = {"participation": "bernoulli"}
 
     probabilities: tuple[float, ...] | None = None
     server_lr: float = 1.0

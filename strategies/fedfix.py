@@ -125,11 +125,17 @@ class FedFix(Strategy):
 class FedAsync(Strategy):
     """Asynchronous FedAvg: one server step per returning client (Fraboni's "Async").
 
-    ``theta <- theta + eta_g * d_i * s(tau_i) * Δ_i`` with ``d_i = 1`` (Fraboni's
-    ``"identical"`` weights; his ``"weight"`` variant needs every client's mean job time, which
-    does not travel on the wire) and an optional staleness down-weighting ``s`` shared with
-    :class:`~fedlab.strategies.FedBuff` (``"constant"``, i.e. none, by default as in Fraboni;
-    ``"polynomial"`` or ``"hinge"`` give Xie et al.'s FedAsync mixing).
+    ``theta <- theta + eta_g * d_i * s(tau_i) * Δ_i`` with ``Δ_i = y_i - theta_sent``, the
+    client's trained model minus the (possibly older) model it was sent, ``d_i = 1``
+    (Fraboni's ``"identical"`` weights; his ``"weight"`` variant needs every client's mean job
+    time, which does not travel on the wire) and an optional staleness down-weighting ``s``
+    shared with :class:`~fedlab.strategies.FedBuff` (``"constant"``, i.e. none, by default as
+    in Fraboni; ``"polynomial"`` or ``"hinge"`` are the staleness functions of Xie et al.).
+
+    This is not Xie et al.'s FedAsync mixing ``theta <- (1 - a) theta + a y_i``, which pulls
+    the *current* model toward the client's model, i.e. adds ``a (y_i - theta)``: here the
+    client's own delta from the model it started from is added. The two agree only when no
+    other update arrived while the client trained (``theta = theta_sent``).
 
     Args:
         server_lr: ``eta_g`` (1 in Fraboni's experiments).

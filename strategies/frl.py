@@ -41,11 +41,11 @@ _SCORE_STREAM = 2
 
 def maskable(params: Params) -> list[str]:
     """Names of the weights FRL masks: floating ``*.weight`` entries of a Linear (2-D) or
-    Conv2d (4-D) layer, in state order."""
+    Conv2d (4-D) layer, in state order; a model that is itself such a layer has ``weight``."""
     return [
         k
         for k, v in params.items()
-        if k.endswith(".weight") and v.is_floating_point() and v.dim() in (2, 4)
+        if (k == "weight" or k.endswith(".weight")) and v.is_floating_point() and v.dim() in (2, 4)
     ]
 
 

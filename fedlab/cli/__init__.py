@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fedlab.cli import certs, client, plot, server, simulate, strategies
+from fedlab.client import TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, TrainingError) as e:
         # ConfigError, CheckpointError and registry errors are ValueErrors with a message
-        # written for the user; a traceback would only bury it.
+        # written for the user; a traceback would only bury it. A client's training error
+        # names the client, the version, the error and where in the user's code it arose.
         print(f"fedlab: error: {e}", file=sys.stderr)
         return 2
 

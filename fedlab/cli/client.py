@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlab import registry
-from fedlab.cli.flags import add_run_flags, given_flags
+from fedlab.cli.flags import add_run_flags, check_address, check_numbers, given_flags
 from fedlab.config import ConfigError, from_mapping, load_toml
 
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         is_loopback,
     )
 
+    check_numbers(args, {"give_up": "positive", "client_id": ">= 0"})
+    check_address("--server", args.server, listen=False)
     if args.insecure == bool(args.certs):
         raise SecurityError(
             "choose one of --certs DIR (TLS, the default way) or --insecure (plaintext, "

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, Literal
 
-from fedlab.config import RunConfig, from_mapping, load_toml, parse_option
+from fedlab.config import ConfigError, RunConfig, from_mapping, load_toml, parse_option
+
+Bound = Literal["positive", ">= 0"]
 
 HELP = {
     "clients": "number of clients in the federation",
@@ -177,4 +181,50 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     ):
         if table in flags:
             flags[table] = {**values.get(table, {}), **flags[table]}
-    return from_mapping({**values, **flags})
+    config = from_mapping({**values, **flags})
+    # A strategy that needs a particular setting (ADMM-WLS: workload wls) runs with it unless
+    # the user named one; then building the strategy says why the named one does not fit.
+    from fedlab.sim import strategy_defaults
+
+    named = {**values, **flags}
+    defaults = {
+        key: value
+        for key, value in strategy_defaults(config.strategy).items()
+        if key not in named and not (key == "workload" and config.data)
+    }
+    return config.replace(**defaults) if defaults else config
+
+
+def check_numbers(args: argparse.Namespace, bounds: Mapping[str, Bound]) -> None:
+    """Refuse a deployment flag that is not a :class:`RunConfig` field and is out of range.
+
+    ``bounds`` maps each flag's ``argparse`` destination to ``"positive"`` or ``">= 0"``.
+    Checked at start-up: a negative ``--max-update-mb`` accepted silently would refuse every
+    update of the run.
+
+    Raises:
+        ConfigError: the first flag out of range (NaN and infinities included), by name.
+    """
+    for dest, bound in bounds.items():
+        value = getattr(args, dest)
+        ok = math.isfinite(value) and (value > 0 if bound == "positive" else value >= 0)
+        if not ok:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be {bound}, got {value}")
+
+
+def check_address(flag: str, address: str, *, listen: bool) -> None:
+    """Refuse an address that is not ``HOST:PORT`` with a valid port.
+
+    A listening address may name port 0 (the system picks a free one); one to connect to may
+    not.
+
+    Raises:
+        ConfigError: the address, the flag and what a valid one looks like.
+    """
+    host, sep, port = address.rpartition(":")
+    low = 0 if listen else 1
+    if not (sep and host and port.isdigit() and low <= int(port) <= 65535):
+        raise ConfigError(
+            f"{flag} must be HOST:PORT with PORT in {low}..65535 (e.g. 127.0.0.1:50051), "
+            f"got {address!r}"
+        )

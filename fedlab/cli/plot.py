@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
+
+from fedlab.callbacks import read_metrics
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +51,20 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fedlab run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, warnings = read_metrics(path)  # a run still writing may have a half-written line
+    for w in warnings:
+        print(f"fedlab: warning: {w}", file=sys.stderr)
+    return rows
+
+
+def numeric_columns(rows: list[dict[str, Any]]) -> set[str]:
+    """Names of the columns that hold a number in at least one row."""
+    return {
+        k
+        for r in rows
+        for k, v in r.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +79,19 @@ def run(args: argparse.Namespace) -> int:
     unknown = [x for x in xs_axes if x not in LABELS]
     if unknown or not xs_axes:
         raise ValueError(f"--x takes {', '.join(LABELS)}; got {args.x!r}")
+    if not metrics:
+        raise ValueError(f"--metrics names no metric; got {args.metrics!r}")
     runs = [(Path(r), read_rows(Path(r))) for r in args.runs]
+    known: set[str] = set()
+    for _, rows in runs:
+        known |= numeric_columns(rows)
+    missing = [m for m in metrics if m not in known]
+    if missing:
+        # A misspelt metric would draw empty axes and look like a run that logged nothing.
+        raise ValueError(
+            f"no run has the metric {', '.join(map(repr, missing))}; known: "
+            f"{', '.join(sorted(known)) or 'none'}"
+        )
     if any(x in CUMULATIVE for x in xs_axes):
         runs = [(d, with_cumulative(rows)) for d, rows in runs]
     fig, axes = plt.subplots(

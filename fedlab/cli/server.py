@@ -10,12 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedlab.cli.flags import add_run_flags
+from fedlab.cli.flags import Bound, add_run_flags, check_address, check_numbers
 from fedlab.cli.simulate import execute, prepare_config
 from fedlab.engine import Engine
 from fedlab.types import Update
 
 DEFAULT_ADDRESS = "0.0.0.0:50051"
+# The deployment flags that are numbers, and their range (0 keeps its documented meaning).
+NUMBERS: dict[str, Bound] = {
+    "heartbeat": "positive",
+    "stall_timeout": "positive",
+    "max_uploads": "positive",
+    "max_update_mb": ">= 0",
+    "spool_mb": ">= 0",
+    "linger": ">= 0",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from fedlab.transport.server import GrpcTransport
 
+    check_numbers(args, NUMBERS)
+    check_address("--address", args.address, listen=True)
     config = prepare_config(args)
     if args.insecure and args.certs:
         raise SecurityError("choose --certs DIR or --insecure, not both")
@@ -137,9 +148,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.tls_only and not args.tokens:
         raise SecurityError("--tls-only needs --tokens: clients must prove who they are")
-    for name in ("heartbeat", "stall_timeout", "max_uploads"):
-        if not getattr(args, name) > 0:
-            raise SecurityError(f"--{name.replace('_', '-')} must be positive")
     mutual = bool(args.certs) and not args.tls_only
     policy = Policy(
         num_clients=config.clients,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +16,7 @@ from fedlab import tensorio
 from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.cli.flags import add_run_flags, given_flags, resolve_config
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
-from fedlab.engine import CHECKPOINT, Engine
+from fedlab.engine import CHECKPOINT, PREVIOUS, Engine
 from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.sim import build_engine, build_workload
 from fedlab.transport import Transport
@@ -32,8 +35,54 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+# What a run directory holds; a fresh run that fails before its first version removes these
+# (only these, where the directory existed before) so the same command can run again.
+RUN_FILES = (
+    "config.toml",
+    CHECKPOINT,
+    PREVIOUS,
+    CHECKPOINT + ".new",
+    CHECKPOINT + ".new.tmp",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "summary.json",
+    "model.fl",
+    "model.fl.tmp",
+    "memory",
+    "spool",
+)
+# A full disk, a quota or a read-only file system: the run stops, nothing stored is lost.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Permission errors count only on a path inside the run directory (not, say, the user's data).
+NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be written (full, read-only, no permission)."""
+
+
+def _unwritable(error: BaseException, run_dir: Path) -> bool:
+    """Whether ``error`` says the run directory cannot be written."""
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in DISK_FULL:
+        return True
+    if error.errno not in NO_PERMISSION or error.filename is None:
+        return False
+    path = Path(os.path.abspath(os.fsdecode(error.filename)))
+    return path.is_relative_to(os.path.abspath(run_dir))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a fedlab run (its saved configuration or a checkpoint)."""
+    return (path / "config.toml").is_file() or (path / CHECKPOINT).is_file()
+
+
 def _resume_config(args: argparse.Namespace) -> RunConfig:
     run_dir = Path(args.resume)
+    if not is_run_dir(run_dir):
+        what = "does not exist" if not run_dir.exists() else "holds no config.toml"
+        raise ConfigError(f"{run_dir} is not a fedlab run directory ({what}); nothing to resume")
     saved = load_toml(run_dir / "config.toml")
     flags = given_flags(args)
     if args.config:
@@ -70,6 +119,15 @@ def prepare_config(args: argparse.Namespace) -> RunConfig:
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
             "or choose another --out"
         )
+    if not args.resume and run_dir.exists():
+        if not run_dir.is_dir():
+            raise FileExistsError(f"--out {run_dir} is a file, not a directory")
+        if any(run_dir.iterdir()) and not is_run_dir(run_dir):
+            # Mixing a run's files into someone else's directory would make both unreadable.
+            raise FileExistsError(
+                f"--out {run_dir} is not empty and is not a fedlab run directory; "
+                "choose a new or empty directory"
+            )
     return config
 
 
@@ -86,7 +144,66 @@ def execute(
     Shared by ``fedlab simulate`` and ``fedlab server``: the run directory, checkpoints,
     resume, evaluation, metrics and the summary are the same whatever carries the tasks.
     ``ready`` is called with the engine just before the first version runs.
+
+    A fresh run that fails before its first version removes the run directory it made, so
+    the same command can run again; a run directory that cannot be written (full, read-only)
+    ends the run with one line saying how to continue.
     """
+    run_dir = Path(config.out)
+    existed = run_dir.exists()
+    started: list[Engine] = []
+    try:
+        return _execute(args, config, command, transport, ready, started)
+    except KeyboardInterrupt:
+        raise  # the run stopped at a checkpoint on purpose: it is resumed, not removed
+    except Exception as e:
+        fresh = not args.resume and (not started or started[0].version == 0)
+        removed = fresh and _remove_half_made(run_dir, existed)
+        if isinstance(e, OSError) and _unwritable(e, run_dir):
+            then = (
+                f"nothing was kept: free space (or make {run_dir} writable) and run the same "
+                "command again"
+                if removed or not is_run_dir(run_dir)
+                else f"the checkpoint is intact: once space is freed (or {run_dir} is "
+                f"writable), continue with: fedlab {command} --resume {run_dir}"
+            )
+            where = f" ({e.filename})" if e.filename else ""
+            raise RunDirError(
+                f"cannot write the run directory {run_dir}: {e.strerror or e}{where}; {then}"
+            ) from e
+        raise
+
+
+def _remove_half_made(run_dir: Path, existed: bool) -> bool:
+    """Remove what a fresh run that failed before its first version wrote; True if done.
+
+    A directory this run created goes entirely; in one that existed (empty, or a run's
+    leftovers) only the run's own files go, never anything else.
+    """
+    try:
+        if not existed:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            return True
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        return True
+    except OSError:
+        return False  # a read-only directory: nothing was written there either
+
+
+def _execute(
+    args: argparse.Namespace,
+    config: RunConfig,
+    command: str,
+    transport: Transport | None,
+    ready: Callable[[Engine], None] | None,
+    started: list[Engine],
+) -> int:
     run_dir = Path(config.out)
     workload = build_workload(config)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -104,11 +221,13 @@ def execute(
         transport=transport,
         stream=transport is not None,
     )
+    started.append(engine)
     if args.resume:
         engine.resume()
         for w in engine.resume_warnings:
             print(f"fedlab: warning: {w}; resumed from {engine.resumed_from}")
-        metrics.truncate(engine.version)
+        for w in metrics.truncate(engine.version):
+            print(f"fedlab: warning: {w}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml())

@@ -7,18 +7,19 @@ timing, sampling and results are the same for every backend and worker count.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from fedlab import registry
+from fedlab import privacy, registry
 from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
-from fedlab.data import PublicSample, Workload, make_workload
+from fedlab.data import WORKLOADS, PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
@@ -58,6 +59,41 @@ def build_workload(config: RunConfig) -> Workload:
     )
 
 
+def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bool = True) -> None:
+    """Refuse at start-up what would otherwise fail mid-run with a raw traceback: an optional
+    package the run needs and lacks, or a model that ``--dp sample`` cannot train.
+
+    ``backend=False`` for a worker that only trains (a deployed client, a Ray actor): the
+    backend is the server's or driver's business.
+
+    Raises:
+        ValueError: one line saying what to install or to change.
+    """
+    if backend and config.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "--backend ray needs Ray, an optional extra this installation lacks: "
+            "pip install 'fedlab[ray]' (or leave --backend at inprocess)"
+        )
+    if config.dp:
+        privacy.require_opacus()
+    if config.dp == "sample":
+        privacy.check_model(model)
+
+
+def strategy_defaults(strategy: str) -> dict[str, str]:
+    """The run settings a strategy declares it needs (its ``run_defaults`` class attribute:
+    ADMM-WLS's workload ``wls``, the known-probability oracle's participation ``bernoulli``);
+    they become the run's defaults when the user names none. Empty for an unknown name."""
+    try:
+        cls = registry.resolve("strategies", strategy)
+    except ValueError:
+        return {}  # build_strategy reports the unknown name
+    needed = getattr(cls, "run_defaults", None)
+    if not isinstance(needed, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in needed.items()}
+
+
 def build_strategy(config: RunConfig) -> Strategy:
     """The strategy named by ``config`` with its options.
 
@@ -71,6 +107,14 @@ def build_strategy(config: RunConfig) -> Strategy:
     strategy = registry.create("strategies", config.strategy, options)
     if not isinstance(strategy, Strategy):
         raise ValueError(f"{config.strategy!r} is not a fedlab Strategy")
+    needed = strategy_defaults(config.strategy).get("workload", "")
+    builtin = (*WORKLOADS, "digits-shift", "wls")  # a custom workload may provide what it needs
+    if needed and config.workload != needed and config.workload in builtin:
+        raise ValueError(
+            f"strategy {config.strategy!r} runs on workload {needed!r}, not "
+            f"{config.workload!r}: pass --workload {needed} (its default when no workload is "
+            "named)"
+        )
     return strategy
 
 
@@ -104,7 +148,7 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
         workload = PoisonedWorkload(
             workload, adversary.malicious, adversary.data_attack, config.seed
         )
-    return ClientRuntime(
+    runtime = ClientRuntime(
         workload=workload,
         algorithm=build_algorithm(config, build_strategy(config)),
         pipeline=build_pipeline(config),
@@ -112,6 +156,8 @@ def build_runtime(config: RunConfig, workload: Workload | None = None) -> Client
         device=config.device,
         cache_mb=config.cache_mb,
     )
+    check_requirements(config, runtime.model, backend=False)
+    return runtime
 
 
 def build_pipeline(config: RunConfig) -> Pipeline:
@@ -237,13 +283,15 @@ def build_engine(
     :class:`~fedlab.engine.Engine`).
     """
     workload = workload or build_workload(config)
+    model = workload.make_model()
+    check_requirements(config, model)  # before any worker starts or the run directory exists
     strategy = build_strategy(config)
     build_algorithm(config, strategy)  # fail on a bad client name before starting workers
     adversary = build_attack(config)  # and on a bad attack
     pipeline = build_pipeline(config)  # and on a bad codec or codec option
     if transport is None:
         transport = build_transport(config, workload)
-    params = {k: v.detach().clone() for k, v in workload.make_model().state_dict().items()}
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     participation = build_participation(
         config.participation,
         workload=workload,
@@ -259,7 +307,8 @@ def build_engine(
         if probabilities is None:
             raise ValueError(
                 f"strategy {config.strategy!r} needs true participation probabilities, and "
-                f"participation {config.participation!r} defines none"
+                f"participation {config.participation!r} defines none: use --participation "
+                "bernoulli, cyclic or markov (bernoulli when none is named)"
             )
         strategy = dataclasses.replace(  # type: ignore[call-arg]
             strategy, probabilities=tuple(float(p) for p in probabilities)

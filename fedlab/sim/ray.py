@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from fedlab import registry, tensorio
+from fedlab.client import TrainingError
 from fedlab.config import RunConfig, from_mapping
 from fedlab.registry import Group
 from fedlab.sim.transport import Job
@@ -215,7 +216,10 @@ class RayExecutor:
             data = ray.get(pending.ref)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(e.cause, BaseException) else None
-            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+            if isinstance(cause, TrainingError):
+                detail = cause.detail  # the runtime's wrapper already names the client
+            else:
+                detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
             raise RuntimeError(
                 f"client {client_id} failed on Ray worker {pending.actor}: {detail}\n"
                 f"remote traceback:\n{e}"
