@@ -156,15 +156,62 @@ def check_like(payload: Params, params: Params, *, what: str) -> None:
             raise UpdateRejected(f"{what}: {name!r} contains NaN or Inf")
 
 
+def weighted_sum(
+    updates: Sequence[Update], weights: Sequence[float], scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """``scale * sum_i w_i * payload_i`` over every payload entry.
+
+    Accumulated in float64 and cast back to each entry's dtype at the end: a float32 sum of
+    finite updates can overflow (or lose the small ones next to a large one), float64 cannot
+    for any float32 payloads and weights up to ``2**53``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in updates[0].payload:
+        ref = updates[0].payload[name]
+        acc = torch.zeros_like(ref, dtype=torch.float64)
+        for u, w in zip(updates, weights, strict=True):
+            acc.add_(u.payload[name], alpha=w * scale)
+        out[name] = acc.to(ref.dtype)
+    return out
+
+
 def weighted_mean(updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_i w_i * payload_i / sum_i w_i`` over every payload entry."""
+    """``sum_i w_i * payload_i / sum_i w_i`` over every payload entry, summed in float64."""
     total = float(sum(weights))
     if not updates or total <= 0:
         raise ValueError("weighted_mean needs at least one update with positive total weight")
-    out: dict[str, torch.Tensor] = {}
-    for name in updates[0].payload:
-        acc = torch.zeros_like(updates[0].payload[name])
-        for u, w in zip(updates, weights, strict=True):
-            acc.add_(u.payload[name], alpha=w / total)
-        out[name] = acc
-    return out
+    return weighted_sum(updates, [w / total for w in weights])
+
+
+class Fold:
+    """A running weighted sum of update payloads, for :meth:`Strategy.stream_weight`.
+
+    The engine folds each update into it as it arrives when it streams. The sum is kept in
+    float64: weights are example counts, and a float32 sum of ``n_i * Δ_i`` overflows for
+    finite updates (``3e38`` times 100 examples). The mean is cast back to each entry's dtype.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.weight = 0.0
+        self.examples = 0
+
+    def add(self, update: Update, weight: float) -> None:
+        """Add ``weight * update.payload`` to the sum."""
+        for name, t in update.payload.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.dtypes[name] = t.dtype
+                self.sums[name] = t.detach().double() * weight  # new: the update can go
+            else:
+                acc.add_(t.detach(), alpha=weight)
+        self.weight += weight
+        self.examples += update.num_examples
+
+    def mean(self, version: int) -> list[Update]:
+        """The one update holding the weighted mean; none when every weight was zero."""
+        if self.weight <= 0:
+            return []
+        payload = {k: v.div_(self.weight).to(self.dtypes[k]) for k, v in self.sums.items()}
+        return [Update(client_id=-1, version=version, payload=payload, num_examples=self.examples)]

@@ -225,7 +225,8 @@ class DPFedAvg(Strategy):
         out: dict[str, float] = {"clip_norm": clip}
         if self.noise == "central":
             z = self.update_multiplier(m)
-            total = {k: torch.zeros_like(v) for k, v in deltas[0].items()}
+            # Summed in float64 (finite clipped deltas cannot overflow it), cast back below.
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in deltas[0].items()}
             for d in deltas:
                 n = optim.norm(d)
                 scale = clip / n if n > clip else 1.0
@@ -236,8 +237,8 @@ class DPFedAvg(Strategy):
                 gen = seeding.torch_generator(round.seed, privacy.NOISE)
                 for k in sorted(total):
                     noise = torch.randn(total[k].shape, generator=gen, dtype=torch.float64)
-                    total[k].add_((noise * std).to(total[k].dtype))
-            mean = {k: v / m for k, v in total.items()}
+                    total[k].add_(noise * std)
+            mean = {k: (v / m).to(deltas[0][k].dtype) for k, v in total.items()}
             shown = [replace(u, payload=mean, num_examples=1) for u in updates]
             history = privacy.compose(
                 state["history"], self.noise_multiplier, min(1.0, m / round.num_clients), 1

@@ -114,11 +114,11 @@ def _apply(
     new = dict(params)
     sq = 0.0
     for name, x in floating(params).items():
-        acc = torch.zeros_like(x)
+        acc = torch.zeros_like(x, dtype=torch.float64)  # a float32 sum can overflow
         for u, w in zip(updates, weights, strict=True):
             acc.add_(u.payload[name], alpha=w)
-        new[name] = x + server_lr * acc
-        sq += float(acc.double().pow(2).sum())
+        new[name] = x + server_lr * acc.to(x.dtype)
+        sq += float(acc.pow(2).sum())
     return new, math.sqrt(sq)
 
 
