@@ -299,6 +299,8 @@ def build_engine(
         adversary=adversary,
         pipeline=pipeline,
         stream=stream,
+        max_update_norm=config.max_update_norm or None,
+        max_num_examples=config.max_num_examples,
     )
 
 
