@@ -464,3 +464,58 @@ def test_cli_refuses_a_negative_norm_bound() -> None:
     assert out.stderr.strip().splitlines() == [
         "fedlab: error: max_update_norm must be a finite number >= 0 (0: no bound), got -1.0"
     ]
+
+
+def test_the_deployed_server_applies_the_bounds_and_its_fold_does_not_overflow() -> None:
+    """Over gRPC, with the deployed server's streaming fold: a 2**62-example claim and an
+    update above --max-update-norm are refused by the engine; without the norm bound, every
+    entry at 3e38 from 100 examples is folded in float64 and the model stays finite."""
+    from fedlab.transport.client import Assigned, Connection
+    from fedlab.transport.security import Policy
+    from fedlab.transport.server import GrpcTransport
+
+    def deployed(config: RunConfig) -> tuple[Engine, GrpcTransport]:
+        t = GrpcTransport(
+            num_clients=config.clients,
+            address="127.0.0.1:0",
+            policy=Policy(num_clients=config.clients),
+            credentials=None,
+            log=None,
+            linger=0.0,
+            run=config.fingerprint(),
+            config_toml=config.to_toml(),
+        )
+        return build_engine(config, transport=t, stream=True), t
+
+    def push_all(engine: Engine, t: GrpcTransport, answers: dict[int, tuple[float, int]]) -> None:
+        engine._fill(engine.strategy.trigger)
+        for cid, (fill, n) in answers.items():
+            conn = Connection(f"127.0.0.1:{t.port}", cid)
+            got = conn.pull(5.0)
+            assert isinstance(got, Assigned)
+            payload = {k: torch.full_like(v, fill) for k, v in got.task.params.items()}
+            conn.push(Update(cid, got.task.version, payload, n), got.task_id)
+        engine.step()
+
+    reasons: list[str] = []
+    config = small_config(clients=3, fraction=1.0, rounds=1, max_update_norm=1.0)
+    engine, t = deployed(config)
+    engine.on_reject = lambda u, r: reasons.append(r)
+    try:
+        push_all(engine, t, {0: (0.5, 100), 1: (0.01, 2**62), 2: (0.01, 100)})
+    finally:
+        t.close()
+    assert engine.version == 1 and engine.counters.rejected == 2
+    assert any("max_update_norm" in r for r in reasons)
+    assert any("max_num_examples" in r for r in reasons)
+    start = build_engine(config).params
+    for k, v in engine.params.items():
+        torch.testing.assert_close(v, start[k] + 0.01)
+
+    engine, t = deployed(small_config(clients=3, fraction=1.0, rounds=1))
+    try:
+        push_all(engine, t, {0: (HUGE, 100), 1: (0.01, 100), 2: (0.01, 100)})
+    finally:
+        t.close()
+    assert engine.counters.rejected == 0
+    assert_finite(engine)
