@@ -50,7 +50,7 @@ import torch
 from fedlab import optim, privacy, seeding
 from fedlab.clients.dp_fedavg import CLIP_KEY, NORM_KEY
 from fedlab.privacy import PrivacyBudgetExhausted
-from fedlab.strategy import Buffer, Strategy, Trigger
+from fedlab.strategy import Buffer, Strategy, Trigger, add_into
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
 __all__ = ["NOISES", "DPFedAvg"]
@@ -226,12 +226,15 @@ class DPFedAvg(Strategy):
         if self.noise == "central":
             z = self.update_multiplier(m)
             # Summed in float64 (finite clipped deltas cannot overflow it), cast back below.
-            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in deltas[0].items()}
+            total = {
+                k: torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+                for k, v in deltas[0].items()
+            }
             for d in deltas:
                 n = optim.norm(d)
                 scale = clip / n if n > clip else 1.0
                 for k in total:
-                    total[k].add_(d[k], alpha=scale)
+                    add_into(total[k], d[k], scale)
             std = z * clip if z > 0 else 0.0
             if std > 0:
                 gen = seeding.torch_generator(round.seed, privacy.NOISE)
