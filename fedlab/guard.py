@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedlab.store import ClientStore
-from fedlab.strategy import UpdateRejected
+from fedlab.strategy import UpdateRejected, all_finite
 from fedlab.types import ClientId, Params, State, Update
 
 MAX_NUM_EXAMPLES = 2**31 - 1
@@ -78,8 +78,7 @@ def non_finite(new: Any, old: Any = None, path: str = "") -> str | None:
     if new is old and old is not None:
         return None
     if isinstance(new, torch.Tensor):
-        inexact = new.is_floating_point() or new.is_complex()
-        return path if inexact and not bool(torch.isfinite(new).all()) else None
+        return None if all_finite(new) else path
     if isinstance(new, float):
         if math.isfinite(new) or (math.isinf(new) and isinstance(old, float) and new == old):
             return None
