@@ -117,6 +117,8 @@ class RunConfig:
     clip_quantile: float = 0.5
     clip_lr: float = 0.2
     clip_count_stddev: float = 0.0
+    max_update_norm: float = 0.0
+    max_num_examples: int = 2**31 - 1
 
     def __post_init__(self) -> None:
         # Types first, however the config was made (TOML, flags, or RunConfig(...) in code):
@@ -179,6 +181,7 @@ class RunConfig:
         if self.compress_options and not self.compress:
             raise ConfigError("compress_options given without compress: name a codec (--compress)")
         self._check_dp()
+        self._check_update_bounds()
 
     def _check_dp(self) -> None:
         if self.dp not in DP_LEVELS:
@@ -201,6 +204,18 @@ class RunConfig:
             raise ConfigError(f"clip_quantile must be in [0, 1], got {self.clip_quantile}")
         if self.adaptive_clip and (self.dp != "client" or self.dp_noise != "central"):
             raise ConfigError("adaptive_clip needs dp = 'client' with dp_noise = 'central'")
+
+    def _check_update_bounds(self) -> None:
+        # The server's bounds on one update (fedlab.guard): a typo must not refuse every update.
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            raise ConfigError(
+                f"max_update_norm must be a finite number >= 0 (0: no bound), "
+                f"got {self.max_update_norm}"
+            )
+        if not 1 <= self.max_num_examples <= 2**53:
+            raise ConfigError(
+                f"max_num_examples must be in [1, 2**53], got {self.max_num_examples}"
+            )
 
     @property
     def task_config(self) -> dict[str, Any]:

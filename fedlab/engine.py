@@ -9,6 +9,7 @@ knows whether the transport is a simulation or a network.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time as _time
@@ -17,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
 from fedlab import seeding, tensorio
+from fedlab.guard import MAX_NUM_EXAMPLES, StagedStore, check_update, non_finite
 from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
-from fedlab.strategy import Buffer, EveryRound, Period, Strategy, UpdateRejected
+from fedlab.strategy import Buffer, EveryRound, Fold, Period, Strategy, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext, payload_bytes
 from fedlab.transport import Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 CHECKPOINT = "checkpoint.fl"
 PREVIOUS = "checkpoint.prev.fl"
 FORMAT = 1
+
+_LOG = logging.getLogger("fedlab.engine")
 
 
 class CheckpointError(ValueError):
@@ -54,6 +56,7 @@ class Counters:
     rejected: int = 0
     failed: int = 0
     stale_dropped: int = 0
+    aggregates_dropped: int = 0  # versions whose aggregate held NaN or Inf and was not committed
 
 
 @dataclass
@@ -67,32 +70,6 @@ class _VersionLog:
     bytes_down: int = 0  # the params of every task handed out
     decoded_bytes: int = 0  # received bytes of the updates that decoded...
     decoded_entries: int = 0  # ...and the entries they decoded to
-
-
-class _Fold:
-    """A running weighted sum of update payloads (:attr:`Engine.stream`)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.weight = 0.0
-        self.examples = 0
-
-    def add(self, update: Update, weight: float) -> None:
-        for name, t in update.payload.items():
-            acc = self.sums.get(name)
-            if acc is None:
-                self.sums[name] = t.detach() * weight  # a new tensor: the update can go
-            else:
-                acc.add_(t.detach(), alpha=weight)
-        self.weight += weight
-        self.examples += update.num_examples
-
-    def mean(self, version: int) -> list[Update]:
-        """The one update holding the weighted mean; none when every weight was zero."""
-        if self.weight <= 0:
-            return []
-        payload = {k: v.div_(self.weight) for k, v in self.sums.items()}
-        return [Update(client_id=-1, version=version, payload=payload, num_examples=self.examples)]
 
 
 class Engine:
@@ -128,6 +105,16 @@ class Engine:
             allows it (:meth:`Strategy.stream_weight`), so memory does not grow with the number
             of clients: the deployed server's choice. Off in simulation, where summing in
             arrival order instead of by client id would change results in the last bits.
+        max_update_norm: refuse an update whose payload has a larger L2 norm (``None``: no
+            bound). One client's influence on a linear aggregate is bounded by it; robust
+            strategies, not this bound, are the defence against many colluding clients.
+        max_num_examples: refuse an update claiming more examples than this, so no client
+            buys an arbitrary share of an example-weighted mean.
+
+    An aggregate (params or strategy state) holding NaN or Inf is never committed: the
+    version's updates are dropped, the previous model and state are kept as the next version
+    (the version counter still moves on, so a hostile client cannot stall the run), one warning
+    names the updates that took part, and the metrics row and :attr:`counters` record it.
     """
 
     def __init__(
@@ -152,9 +139,17 @@ class Engine:
         memory: ClientStore | None = None,
         adversary: Adversary | None = None,
         stream: bool = False,
+        max_update_norm: float | None = None,
+        max_num_examples: int = MAX_NUM_EXAMPLES,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if max_update_norm is not None and not (max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be positive, got {max_update_norm}")
+        if max_num_examples < 1:
+            raise ValueError(f"max_num_examples must be at least 1, got {max_num_examples}")
+        self.max_update_norm = max_update_norm
+        self.max_num_examples = max_num_examples
         self.strategy = strategy
         self.transport = transport
         self.num_clients = transport.clients()
@@ -178,7 +173,7 @@ class Engine:
         self.adversary = adversary
         # Omniscient attacks read every benign update, so an attacked run keeps them all.
         self.stream = stream and adversary is None
-        self._folded: _Fold | None = None
+        self._folded: Fold | None = None
         self._available: tuple[ClientId, ...] | None = None
 
         self.params: Params = dict(params)
@@ -362,9 +357,10 @@ class Engine:
                 num_examples=update.num_examples,
                 metrics=update.metrics,
             )
-            if update.num_examples < 0:
-                raise UpdateRejected(f"update from client {cid}: negative num_examples")
             self.strategy.validate(decoded, base)
+            check_update(
+                decoded, max_num_examples=self.max_num_examples, max_norm=self.max_update_norm
+            )
         except (UpdateRejected, ValueError) as e:
             self._reject(update, str(e))
             return
@@ -374,7 +370,7 @@ class Engine:
             return
         # Keep the running sum and a payload-free record (count, metrics, staleness).
         if self._folded is None:
-            self._folded = _Fold()
+            self._folded = Fold()
         self._folded.add(decoded, weight)
         self.buffer.append(dataclasses.replace(decoded, payload={}))
 
@@ -402,13 +398,14 @@ class Engine:
     # ------------------------------------------------------------------ aggregating
 
     def _aggregate(self, trigger: object) -> None:
+        staged = StagedStore(self.memory)  # the strategy's writes wait for the check below
         rnd = Round(
             version=self.version,
             time=self.transport.now(),
             num_clients=self.num_clients,
             seed=seeding.derive(self.seed, seeding.SAMPLE, self.version, 1 << 30),
             available=self._available,
-            memory=self.memory,
+            memory=staged,
         )
         updates = sorted(self.buffer, key=lambda u: (u.client_id, u.version))
         if self.adversary is not None:
@@ -418,8 +415,16 @@ class Engine:
             given = self._folded.mean(self.version)
             self._folded = None
         params, state, metrics = self.strategy.aggregate(self.state, self.params, given, rnd)
-        self.params = dict(params)
-        self.state = state
+        # Finite updates can still sum to Inf (or a strategy can divide by zero): such an
+        # aggregate would become every client's next model, so it is dropped here instead.
+        bad = non_finite(params, self.params, "params") or non_finite(state, self.state, "state")
+        if bad is None:
+            staged.commit()
+            self.params = dict(params)
+            self.state = state
+        else:
+            metrics = {}
+            self._drop(updates, bad)
         self.version += 1
         self.buffer = []
         self._pending.clear()
@@ -432,12 +437,29 @@ class Engine:
         row = self._row(updates, metrics)
         if self.adversary is not None:
             row["byzantine"] = self.adversary.count(updates)
+        if bad is not None:
+            row["aggregate_dropped"] = f"NaN or Inf in {bad}"
+            row["dropped_updates"] = [[u.client_id, u.version] for u in updates]
         self._log = _VersionLog()
         # Callbacks first: a crash between the metrics row and the checkpoint repeats the
         # version on resume (its row is rewritten), while the other order could lose the row.
         for cb in self.callbacks:
             cb.on_version(self, row)
         self.save_checkpoint()
+
+    def _drop(self, updates: Sequence[Update], bad: str) -> None:
+        self.counters.aggregates_dropped += 1
+        took_part = ", ".join(f"client {u.client_id} (version {u.version})" for u in updates[:50])
+        more = f" and {len(updates) - 50} more" if len(updates) > 50 else ""
+        _LOG.warning(
+            "fedlab: warning: version %d not committed: its aggregate has NaN or Inf in %s; "
+            "kept the model and strategy state of version %d; updates that took part: %s%s",
+            self.version + 1,
+            bad,
+            self.version,
+            took_part or "none",
+            more,
+        )
 
     def _row(self, updates: Sequence[Update], metrics: Any) -> dict[str, Any]:
         row: dict[str, Any] = {

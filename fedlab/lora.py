@@ -32,7 +32,7 @@ from torch.func import functional_call
 from fedlab.client import ClientContext, Fit
 from fedlab.clients.sgd import LocalSGD
 from fedlab.data import ClientData
-from fedlab.strategy import Strategy, UpdateRejected, floating, weighted_mean
+from fedlab.strategy import Strategy, UpdateRejected, all_finite, floating, weighted_mean
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
 B_KEY = "lora.B/"
@@ -227,7 +227,7 @@ class LoRAStrategy(Strategy):
             got = update.payload[key]
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape or got.dtype != dtype:
                 raise UpdateRejected(f"{what}: {key!r} must be a {dtype} tensor of shape {shape}")
-            if not bool(torch.isfinite(got).all()):
+            if not all_finite(got):
                 raise UpdateRejected(f"{what}: {key!r} contains NaN or Inf")
 
     def aggregate(

@@ -29,6 +29,10 @@ class ClientStore(Protocol):
 
     def __len__(self) -> int: ...
 
+    def __contains__(self, client_id: object) -> bool:
+        """Whether a state is kept for ``client_id`` (without loading it)."""
+        ...
+
     def state_dict(self) -> State:
         """What a checkpoint must hold to restore the store as it is now."""
         ...
@@ -61,6 +65,9 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._states
 
     def state_dict(self) -> State:
         """Everything needed to restore the store."""
@@ -188,6 +195,9 @@ class DiskStore:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._index
 
     def state_dict(self) -> State:
         """The index ``{client: generation}`` and the counter: small, whatever the states."""

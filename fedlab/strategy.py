@@ -128,6 +128,20 @@ class Strategy:
         raise NotImplementedError
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (integer tensors always are).
+
+    One pass of ``aminmax``, which propagates NaN, without the boolean tensor of
+    ``isfinite(t).all()``: about ten times faster on large float tensors.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def floating(params: Params) -> dict[str, torch.Tensor]:
     """The entries of ``params`` that training moves (floating-point tensors)."""
     return {k: v for k, v in params.items() if v.is_floating_point()}
@@ -152,19 +166,101 @@ def check_like(payload: Params, params: Params, *, what: str) -> None:
                 f"{what}: {name!r} has shape {tuple(got.shape)} and dtype {got.dtype}, "
                 f"expected {tuple(ref.shape)} and {ref.dtype}"
             )
-        if not bool(torch.isfinite(got).all()):
+        if not all_finite(got):
             raise UpdateRejected(f"{what}: {name!r} contains NaN or Inf")
 
 
+_BLOCK = 1 << 16
+"""Entries converted to float64 at a time: a block stays in cache, where torch's mixed-dtype
+``add_`` is several times slower than converting a block and adding in one dtype."""
+
+
+def add_into(acc: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * x`` for a float64 ``acc`` and a lower-precision ``x``, in place."""
+    if acc.dtype == x.dtype or acc.device.type != "cpu" or not acc.is_contiguous():
+        acc.add_(x, alpha=alpha)
+        return
+    flat, src = acc.view(-1), x.detach().reshape(-1)
+    buf = torch.empty(min(_BLOCK, flat.numel()), dtype=acc.dtype)
+    for start in range(0, flat.numel(), _BLOCK):
+        end = min(start + _BLOCK, flat.numel())
+        block = buf[: end - start]
+        block.copy_(src[start:end])
+        flat[start:end].add_(block, alpha=alpha)
+
+
+def weighted_sum(
+    updates: Sequence[Update], weights: Sequence[float], scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """``scale * sum_i w_i * payload_i`` over every payload entry.
+
+    Accumulated in float64 and cast back to each entry's dtype at the end: a float32 sum of
+    finite updates can overflow (or lose the small ones next to a large one), float64 cannot
+    for any float32 payloads and weights up to ``2**53``. On the CPU the sum is taken one
+    cache-sized block of every update at a time, so it costs little more than a float32 one.
+    """
+    alphas = [w * scale for w in weights]
+    out: dict[str, torch.Tensor] = {}
+    for name in updates[0].payload:
+        ref = updates[0].payload[name]
+        if ref.device.type != "cpu":
+            acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+            for u, alpha in zip(updates, alphas, strict=True):
+                acc.add_(u.payload[name], alpha=alpha)
+            out[name] = acc.to(ref.dtype)
+            continue
+        srcs = [u.payload[name].detach().reshape(-1) for u in updates]
+        result = torch.empty(ref.numel(), dtype=ref.dtype)
+        block = torch.empty(min(_BLOCK, ref.numel()), dtype=torch.float64)
+        sums = torch.empty_like(block)
+        for start in range(0, ref.numel(), _BLOCK):
+            end = min(start + _BLOCK, ref.numel())
+            acc, tmp = sums[: end - start].zero_(), block[: end - start]
+            for src, alpha in zip(srcs, alphas, strict=True):
+                tmp.copy_(src[start:end])
+                acc.add_(tmp, alpha=alpha)
+            result[start:end].copy_(acc)
+        out[name] = result.view(ref.shape)
+    return out
+
+
 def weighted_mean(updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_i w_i * payload_i / sum_i w_i`` over every payload entry."""
+    """``sum_i w_i * payload_i / sum_i w_i`` over every payload entry, summed in float64."""
     total = float(sum(weights))
     if not updates or total <= 0:
         raise ValueError("weighted_mean needs at least one update with positive total weight")
-    out: dict[str, torch.Tensor] = {}
-    for name in updates[0].payload:
-        acc = torch.zeros_like(updates[0].payload[name])
-        for u, w in zip(updates, weights, strict=True):
-            acc.add_(u.payload[name], alpha=w / total)
-        out[name] = acc
-    return out
+    return weighted_sum(updates, [w / total for w in weights])
+
+
+class Fold:
+    """A running weighted sum of update payloads, for :meth:`Strategy.stream_weight`.
+
+    The engine folds each update into it as it arrives when it streams. The sum is kept in
+    float64: weights are example counts, and a float32 sum of ``n_i * Δ_i`` overflows for
+    finite updates (``3e38`` times 100 examples). The mean is cast back to each entry's dtype.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.weight = 0.0
+        self.examples = 0
+
+    def add(self, update: Update, weight: float) -> None:
+        """Add ``weight * update.payload`` to the sum."""
+        for name, t in update.payload.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.dtypes[name] = t.dtype
+                self.sums[name] = t.detach().double() * weight  # new: the update can go
+            else:
+                add_into(acc, t, weight)
+        self.weight += weight
+        self.examples += update.num_examples
+
+    def mean(self, version: int) -> list[Update]:
+        """The one update holding the weighted mean; none when every weight was zero."""
+        if self.weight <= 0:
+            return []
+        payload = {k: v.div_(self.weight).to(self.dtypes[k]) for k, v in self.sums.items()}
+        return [Update(client_id=-1, version=version, payload=payload, num_examples=self.examples)]

@@ -146,6 +146,6 @@ class ADMMWLS(Strategy):
                 got = got + channel_noise(got, self.link_noise, round.seed, _P_UPLINK, u.client_id)
             uploads[u.client_id] = got.reshape(-1)
             received += 1
-        z = uploads.mean(dim=0).reshape(w.shape)
+        z = uploads.double().mean(dim=0).to(uploads.dtype).reshape(w.shape)
         step = float(torch.linalg.vector_norm(z - w))
         return {"weight": z}, {"uploads": uploads}, {"scheduled": received, "step_norm": step}

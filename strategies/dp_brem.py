@@ -162,13 +162,14 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
         self, chosen: Sequence[Update], center: Params, tau: float
     ) -> tuple[dict[str, torch.Tensor], float]:
         """``Σ clip(m_i − c, τ)``, ``c`` the center (``centered``) or 0, and the share clipped."""
-        total = {name: torch.zeros_like(center[name]) for name in center}
+        # In float64: differences and sums of finite float32 updates can overflow float32.
+        total = {name: torch.zeros_like(center[name], dtype=torch.float64) for name in center}
         clipped = 0
         for u in chosen:
             if self.aggregator == "centered":
-                diff = {name: u.payload[name] - center[name] for name in center}
+                diff = {name: u.payload[name].double() - center[name] for name in center}
             else:
-                diff = {name: u.payload[name] for name in center}
+                diff = {name: u.payload[name].double() for name in center}
             norm = optim.norm(diff)
             scale = min(1.0, tau / norm) if norm > 0 else 1.0
             clipped += scale < 1.0
@@ -222,13 +223,14 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
             v = coordinate_median([{name: u.payload[name] for name in center} for u in chosen])
         else:
             v, metrics["clipped"] = self._clipped_sum(chosen, center, self.tau_at(t))
+        v = {name: x.double() for name, x in v.items()}  # noise and center join in float64
         steps = int(state["steps"])
         if self.noise_multiplier > 0:
             std = self.noise_multiplier * max(bounds[str(u.client_id)] for u in chosen)
             gen = seeding.torch_generator(round.seed, privacy.NOISE)
             for name in sorted(v):
                 noise = torch.randn(v[name].shape, generator=gen, dtype=torch.float64)
-                v[name].add_((noise * std).to(v[name].dtype))
+                v[name].add_(noise * std)
             steps += 1
             metrics["noise_std"] = std
             history = [[self.noise_multiplier, 1.0, float(steps)]]
@@ -237,6 +239,7 @@ class DPBREM(optim.ServerOptimizerOptions, Strategy):
             v = {name: center[name] + x / k for name, x in v.items()}
         elif self.aggregator == "direct-clip":
             v = {name: x / k for name, x in v.items()}
+        v = {name: x.to(center[name].dtype) for name, x in v.items()}
         opt = self.optimizer
         direction, opt_state = opt.direction(
             {name: -x for name, x in v.items()}, state["optimizer"]

@@ -49,7 +49,7 @@ import torch
 from fedlab import optim, privacy, seeding
 from fedlab.clients.dp_fedavg import CLIP_KEY, NORM_KEY
 from fedlab.privacy import PrivacyBudgetExhausted
-from fedlab.strategy import Buffer, Strategy, Trigger
+from fedlab.strategy import Buffer, Strategy, Trigger, add_into
 from fedlab.types import ClientId, Metrics, Params, Round, State, Task, Update
 
 __all__ = ["NOISES", "DPFedAvg"]
@@ -224,19 +224,23 @@ class DPFedAvg(Strategy):
         out: dict[str, float] = {"clip_norm": clip}
         if self.noise == "central":
             z = self.update_multiplier(m)
-            total = {k: torch.zeros_like(v) for k, v in deltas[0].items()}
+            # Summed in float64 (finite clipped deltas cannot overflow it), cast back below.
+            total = {
+                k: torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+                for k, v in deltas[0].items()
+            }
             for d in deltas:
                 n = optim.norm(d)
                 scale = clip / n if n > clip else 1.0
                 for k in total:
-                    total[k].add_(d[k], alpha=scale)
+                    add_into(total[k], d[k], scale)
             std = z * clip if z > 0 else 0.0
             if std > 0:
                 gen = seeding.torch_generator(round.seed, privacy.NOISE)
                 for k in sorted(total):
                     noise = torch.randn(total[k].shape, generator=gen, dtype=torch.float64)
-                    total[k].add_((noise * std).to(total[k].dtype))
-            mean = {k: v / m for k, v in total.items()}
+                    total[k].add_(noise * std)
+            mean = {k: (v / m).to(deltas[0][k].dtype) for k, v in total.items()}
             shown = [replace(u, payload=mean, num_examples=1) for u in updates]
             history = privacy.compose(
                 state["history"], self.noise_multiplier, min(1.0, m / round.num_clients), 1

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from fedlab.strategy import Strategy, floating
+from fedlab.strategy import Strategy, add_into, floating
 from fedlab.types import Metrics, Params, Round, State, Update
 
 WEIGHTINGS = ("adaptive", "participating", "all")
@@ -114,11 +114,12 @@ def _apply(
     new = dict(params)
     sq = 0.0
     for name, x in floating(params).items():
-        acc = torch.zeros_like(x)
+        # In float64: a float32 sum of finite updates can overflow.
+        acc = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         for u, w in zip(updates, weights, strict=True):
-            acc.add_(u.payload[name], alpha=w)
-        new[name] = x + server_lr * acc
-        sq += float(acc.double().pow(2).sum())
+            add_into(acc, u.payload[name], w)
+        new[name] = x + server_lr * acc.to(x.dtype)
+        sq += float(acc.pow(2).sum())
     return new, math.sqrt(sq)
 
 

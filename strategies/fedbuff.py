@@ -17,10 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from fedlab import optim
-from fedlab.strategy import Buffer, Strategy, Trigger
+from fedlab.strategy import Buffer, Strategy, Trigger, weighted_sum
 from fedlab.types import Metrics, Params, Round, State, Update
 
 STALENESS = ("polynomial", "constant", "hinge")
@@ -164,12 +162,7 @@ class FedBuff(optim.ServerOptimizerOptions, Strategy):
             if mean_n > 0:
                 examples = [u.num_examples / mean_n for u, _ in kept]
         weights = [self.weight(t) * e for (_, t), e in zip(kept, examples, strict=True)]
-        delta: dict[str, torch.Tensor] = {}
-        for name in kept[0][0].payload:
-            acc = torch.zeros_like(kept[0][0].payload[name])
-            for (u, _), w in zip(kept, weights, strict=True):
-                acc.add_(u.payload[name], alpha=w / len(kept))
-            delta[name] = acc
+        delta = weighted_sum([u for u, _ in kept], weights, scale=1 / len(kept))
         opt = self.optimizer
         direction, state = opt.direction(delta, state)
         new = optim.apply(params, direction, opt.lr)

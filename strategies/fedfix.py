@@ -23,7 +23,7 @@ from fedlab import optim
 # Relative, so that it resolves both as fedlab.strategies (installed) and for mypy run on the
 # strategies/ folder.
 from fedlab.strategies.fedbuff import check_staleness, staleness_weight, within_staleness
-from fedlab.strategy import Buffer, Period, Strategy, Trigger
+from fedlab.strategy import Buffer, Period, Strategy, Trigger, weighted_sum
 from fedlab.types import Metrics, Params, Round, State, Update
 
 WEIGHTINGS = ("uniform", "examples")
@@ -35,14 +35,9 @@ def _check_lr(lr: float) -> None:
 
 
 def _weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_i w_i * payload_i``, not normalised: Fraboni's weights carry their own scale."""
-    out: dict[str, torch.Tensor] = {}
-    for name in updates[0].payload:
-        acc = torch.zeros_like(updates[0].payload[name])
-        for u, w in zip(updates, weights, strict=True):
-            acc.add_(u.payload[name], alpha=w)
-        out[name] = acc
-    return out
+    """``sum_i w_i * payload_i`` (in float64), not normalised: Fraboni's weights carry their
+    own scale."""
+    return weighted_sum(updates, weights)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from fedlab import optim
-from fedlab.strategy import Strategy
+from fedlab.strategy import Strategy, weighted_sum
 from fedlab.types import Metrics, Params, Round, State, Update
 
 __all__ = ["CenteredClipping", "Krum", "Median", "MultiKrum", "TrimmedMean", "coordinate_median"]
@@ -43,7 +43,9 @@ def coordinate_median(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for name in rows[0]:
         s = torch.stack([r[name] for r in rows]).sort(dim=0).values
-        out[name] = s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        # The mean of the middle two in float64: two huge finite values must not sum to Inf.
+        mid = (s[n // 2 - 1].double() + s[n // 2]) / 2 if n % 2 == 0 else None
+        out[name] = s[n // 2].clone() if mid is None else mid.to(s.dtype)
     return out
 
 
@@ -136,7 +138,7 @@ class TrimmedMean(_Robust):
         out: dict[str, torch.Tensor] = {}
         for name in updates[0].payload:
             s = _stack(updates, name).sort(dim=0).values
-            out[name] = s[k : n - k].mean(dim=0)
+            out[name] = s[k : n - k].double().mean(dim=0).to(s.dtype)  # float64: no overflow
         return out, state, {"trimmed_per_end": float(k)}
 
 
@@ -188,7 +190,7 @@ class Krum(_Robust):
         m = self.selected(len(updates))
         # Stable sort: equal scores keep client order, so results never depend on ties.
         chosen = [updates[int(i)] for i in scores.argsort(stable=True)[:m]]
-        out = {name: _stack(chosen, name).mean(dim=0) for name in updates[0].payload}
+        out = weighted_sum(chosen, [1.0 / m] * m)  # a float64 mean, cast back
         return out, state, {"selected": float(m)}
 
 
@@ -263,15 +265,16 @@ class CenteredClipping(_Robust):
         }
         clipped = 0
         for _ in range(self.iterations):
-            step = {k: torch.zeros_like(v[k]) for k in names}
+            # In float64: a difference or sum of finite float32 updates can overflow float32.
+            step = {k: torch.zeros_like(v[k], dtype=torch.float64) for k in names}
             for u in updates:
-                diff = {k: u.payload[k] - v[k] for k in names}
+                diff = {k: u.payload[k].double() - v[k] for k in names}
                 norm = optim.norm(diff)
                 scale = min(1.0, self.tau / norm) if norm > 0 else 1.0
                 clipped += scale < 1.0
                 for k in names:
                     step[k].add_(diff[k], alpha=scale / len(updates))
-            v = {k: v[k] + step[k] for k in names}
+            v = {k: (v[k] + step[k]).to(v[k].dtype) for k in names}
         state = {**state, "center": v}
         return v, state, {"clipped": clipped / (len(updates) * self.iterations)}
 

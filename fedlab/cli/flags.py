@@ -86,6 +86,9 @@ HELP = {
     "clip_lr": "adaptive clipping's geometric step size",
     "clip_count_stddev": "adaptive clipping's noise std on the count of unclipped updates "
     "(0: updates per version / 20)",
+    "max_update_norm": "refuse an update whose L2 norm exceeds this (0: no bound); bounds one "
+    "client's influence, not a malicious majority's (use a robust strategy)",
+    "max_num_examples": "refuse an update claiming more training examples than this",
 }
 
 

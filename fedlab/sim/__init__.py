@@ -348,6 +348,8 @@ def build_engine(
         adversary=adversary,
         pipeline=pipeline,
         stream=stream,
+        max_update_norm=config.max_update_norm or None,
+        max_num_examples=config.max_num_examples,
     )
 
 
