@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedlab import tensorio
 from fedlab.client import ClientRuntime, load_params
+from fedlab.config import RunConfig, from_mapping
 from fedlab.flower.records import (
     ARRAYS,
     CONFIG,
@@ -32,6 +33,7 @@ from fedlab.flower.records import (
     scalars,
     widened_names,
 )
+from fedlab.sim import build_runtime
 from fedlab.types import Task
 
 
@@ -114,34 +116,41 @@ def make_client_app(
     return app
 
 
-def config_client_app(config: Any, **options: Any) -> ClientApp:
-    """The ClientApp of a fedlab run ``config`` (a RunConfig or a mapping of its keys): its
-    workload (built-in, or the user's model and data functions), client half (the
-    strategy's, or ``client``), and update pipeline (``dp = "sample"`` DP-SGD,
-    ``dp = "client"`` clipping, ``compress = "fedzip"``...), built as ``fedlab simulate``
-    builds them. ``options`` go to :func:`make_client_app`.
-    """
-    from fedlab.config import RunConfig, from_mapping
+def config_client_app(
+    config: RunConfig | Mapping[str, Any] | None = None, **options: Any
+) -> ClientApp:
+    """The ClientApp of a fedlab run configuration: its workload (built-in, or the user's model
+    and data functions), client half (the strategy's, or ``client``) and update pipeline
+    (``dp = "sample"`` DP-SGD, ``dp = "client"`` clipping, ``compress = "fedzip"``...), built
+    as ``fedlab simulate`` builds them.
 
-    cfg = config if isinstance(config, RunConfig) else from_mapping(config)
+    ``config`` is a :class:`~fedlab.config.RunConfig` or a mapping of its keys; ``None`` reads
+    it from each node's Flower run config (:func:`run_config`), so a Flower app's
+    ``pyproject.toml`` configures server and clients alike. ``options`` go to
+    :func:`make_client_app`.
+    """
+    fixed = None if config is None else as_config(config)
 
     def runtime(context: Context) -> ClientRuntime:
-        from fedlab.sim import build_runtime
-
-        return build_runtime(cfg)
+        return build_runtime(fixed if fixed is not None else run_config(context.run_config))
 
     return make_client_app(runtime, **options)
 
 
-def run_config(values: Mapping[str, Any], *, prefix: str = "fedlab.") -> Any:
+def as_config(config: RunConfig | Mapping[str, Any]) -> RunConfig:
+    """``config`` checked as a :class:`~fedlab.config.RunConfig`."""
+    return config if isinstance(config, RunConfig) else from_mapping(config)
+
+
+def run_config(values: Mapping[str, Any], *, prefix: str = "fedlab.") -> RunConfig:
     """The fedlab :class:`~fedlab.config.RunConfig` in a Flower run config.
 
     Flower flattens ``[tool.flwr.app.config]`` tables to dotted keys, so a ``fedlab`` table
-    (``fedlab.strategy = "fedau"``, ``fedlab.strategy_options.x = 1``) becomes keys under
-    ``prefix``; they are nested again and checked like a ``--config`` TOML file.
+    (``fedlab.strategy = "fedau"``, ``fedlab.strategy_options.cutoff = 50``) arrives as keys
+    under ``prefix``; they are nested again and checked like a ``--config`` TOML file.
+    Flower's ``num-server-rounds``, when present, is the run's ``rounds`` unless the table
+    sets them (DP-SGD plans its noise and the accountant its budget over them).
     """
-    from fedlab.config import from_mapping
-
     tree: dict[str, Any] = {}
     for key, value in values.items():
         if not key.startswith(prefix):
@@ -151,4 +160,7 @@ def run_config(values: Mapping[str, Any], *, prefix: str = "fedlab.") -> Any:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    rounds = values.get("num-server-rounds")
+    if isinstance(rounds, int) and not isinstance(rounds, bool):
+        tree.setdefault("rounds", rounds)
     return from_mapping(tree)

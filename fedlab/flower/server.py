@@ -21,7 +21,9 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as _Strategy
 
 from fedlab import seeding
+from fedlab.config import RunConfig
 from fedlab.engine import Callback, Engine
+from fedlab.flower.client import as_config
 from fedlab.flower.records import (
     ARRAYS,
     CONFIG,
@@ -36,6 +38,7 @@ from fedlab.flower.records import (
     scalars,
 )
 from fedlab.flower.transport import GridTransport
+from fedlab.sim import build_engine, build_pipeline, build_strategy
 from fedlab.strategy import EveryRound, Strategy
 from fedlab.transforms import Pipeline
 from fedlab.transport import Transport
@@ -147,7 +150,11 @@ class FlowerStrategy(_Strategy):
 
     @classmethod
     def from_config(
-        cls, config: Any, *, run_dir: str | Path | None = None, **options: Any
+        cls,
+        config: RunConfig | Mapping[str, Any],
+        *,
+        run_dir: str | Path | None = None,
+        **options: Any,
     ) -> FlowerStrategy:
         """The run ``config`` describes (a :class:`~fedlab.config.RunConfig` or a mapping of
         its keys), built as ``fedlab simulate`` builds it: strategy and options, update
@@ -155,10 +162,7 @@ class FlowerStrategy(_Strategy):
         the Flower-side settings of :class:`FlowerStrategy`; ``min_nodes`` defaults to
         ``config.clients``, the population every node's partition id must fall in.
         """
-        from fedlab.config import RunConfig, from_mapping
-        from fedlab.sim import build_engine, build_pipeline, build_strategy
-
-        cfg = config if isinstance(config, RunConfig) else from_mapping(config)
+        cfg = as_config(config)
 
         def engine(transport: Transport, params: Params, cbs: Sequence[Callback]) -> Engine:
             if transport.clients() != cfg.clients:
