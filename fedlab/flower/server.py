@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy as _Strategy
 
 from fedlab import seeding
 from fedlab.config import RunConfig
-from fedlab.engine import Callback, Engine
+from fedlab.engine import CHECKPOINT, Callback, Engine
 from fedlab.flower.client import as_config
 from fedlab.flower.records import (
     ARRAYS,
@@ -78,11 +78,14 @@ class FlowerStrategy(_Strategy):
         min_nodes: nodes to wait for before starting (the population is the nodes connected
             then).
         fraction_evaluate: share of nodes asked for a federated evaluation after every
-            version (0: none).
+            version (0: none); the engine waits for their replies before going on.
         message_ttl: each message's time to live in seconds (``None``: Flower's 12 hours).
         poll_interval: seconds between pulls for replies.
         engine: builds the engine instead (see :meth:`from_config`); the settings above
             that the engine holds are then ignored.
+        deltas: accept replies that carry trained weights (a plain Flower ClientApp) and
+            turn them into deltas; default: when the client half is local SGD and the
+            pipeline is empty.
     """
 
     def __init__(
@@ -218,12 +221,12 @@ class FlowerStrategy(_Strategy):
         )
         if train_config:
             engine.task_config = {**engine.task_config, **train_config}
-        if engine.round_timeout is None and isinstance(self.strategy.trigger, EveryRound):
+        if engine.round_timeout is None and isinstance(engine.strategy.trigger, EveryRound):
             engine.round_timeout = timeout
         if self._restore is not None:
             engine.load_state_dict(self._restore)
             self._restore = None
-        elif engine.run_dir is not None and (engine.run_dir / "checkpoint.fl").exists():
+        elif engine.run_dir is not None and (engine.run_dir / CHECKPOINT).exists():
             engine.resume()
             log.info("fedlab: resumed at version %d from %s", engine.version, engine.resumed_from)
         else:
