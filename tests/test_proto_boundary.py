@@ -47,3 +47,17 @@ def test_generated_code_matches_the_proto_source() -> None:
         assert f"message {name} " in source
         assert name in fedlab_pb2.DESCRIPTOR.message_types_by_name
     assert fedlab_pb2.DESCRIPTOR.package == "fedlab.v1"
+
+
+def test_only_the_flower_package_imports_flwr() -> None:
+    offenders = []
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            rel = path.relative_to(REPO)
+            if rel.parts[:2] == ("fedlab", "flower"):
+                continue
+            if any(n == "flwr" or n.startswith("flwr.") for n in _imports(path)):
+                offenders.append(str(rel))
+    assert not offenders, f"only fedlab/flower/ may import flwr: {offenders}"
+    # Not vacuous: the bridge itself does import Flower.
+    assert "flwr.serverapp" in _imports(REPO / "fedlab" / "flower" / "server.py")

@@ -29,6 +29,7 @@ from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, Strategy
 from fedlab.transforms import Pipeline, UpdateTransform
 from fedlab.transport import Transport
+from fedlab.types import Params
 
 if TYPE_CHECKING:
     from fedlab.strategies.dp_fedavg import DPFedAvg
@@ -274,13 +275,15 @@ def build_engine(
     workload: Workload | None = None,
     transport: Transport | None = None,
     stream: bool = False,
+    params: Params | None = None,
 ) -> Engine:
     """A ready-to-run engine for ``config``; call ``engine.resume()`` to continue a run.
 
     ``transport`` (default: a simulation over the virtual clock) is where tasks go: the
     deployed server passes its gRPC transport, and nothing else changes. ``stream`` folds
     updates into a running mean as they arrive where the strategy allows (see
-    :class:`~fedlab.engine.Engine`).
+    :class:`~fedlab.engine.Engine`). ``params`` (default: the workload's freshly initialised
+    model) are the initial global params: a Flower ServerApp passes its ``initial_arrays``.
     """
     workload = workload or build_workload(config)
     model = workload.make_model()
@@ -291,7 +294,8 @@ def build_engine(
     pipeline = build_pipeline(config)  # and on a bad codec or codec option
     if transport is None:
         transport = build_transport(config, workload)
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if params is None:
+        params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     participation = build_participation(
         config.participation,
         workload=workload,

@@ -1,0 +1,1 @@
+"""A Flower app that runs a fedlab strategy and fedlab's clients."""
