@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedlab.plots import CUMULATIVE, LABELS, draw
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the subcommand."""
@@ -23,27 +25,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-CUMULATIVE = ("bytes_up", "bytes_down", "bytes")
-LABELS = {
-    "version": "version",
-    "time": "simulated time (s)",
-    "bytes_up": "MB uploaded by clients (cumulative)",
-    "bytes_down": "MB sent to clients (cumulative)",
-    "bytes": "MB on the wire, both ways (cumulative)",
-}
-
-
-def with_cumulative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with running totals, in MB, of the bytes columns as ``total_<axis>``."""
-    up = down = 0.0
-    out = []
-    for r in rows:
-        up += r.get("bytes_up", 0) / 1e6
-        down += r.get("bytes_down", 0) / 1e6
-        out.append({**r, "total_bytes_up": up, "total_bytes_down": down, "total_bytes": up + down})
-    return out
-
-
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The metrics rows of a run directory."""
     path = run_dir / "metrics.jsonl"
@@ -54,36 +35,13 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Draw one row of panels per metric, one column per x axis (version and time by default)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     xs_axes = [x.strip() for x in args.x.split(",") if x.strip()]
     unknown = [x for x in xs_axes if x not in LABELS]
     if unknown or not xs_axes:
         raise ValueError(f"--x takes {', '.join(LABELS)}; got {args.x!r}")
-    runs = [(Path(r), read_rows(Path(r))) for r in args.runs]
-    if any(x in CUMULATIVE for x in xs_axes):
-        runs = [(d, with_cumulative(rows)) for d, rows in runs]
-    fig, axes = plt.subplots(
-        len(metrics), len(xs_axes), figsize=(5.5 * len(xs_axes), 3.6 * len(metrics)), squeeze=False
-    )
-    for i, metric in enumerate(metrics):
-        for j, axis in enumerate(xs_axes):
-            ax = axes[i][j]
-            key = f"total_{axis}" if axis in CUMULATIVE else axis
-            for run_dir, rows in runs:
-                pts = [(r[key], r[metric]) for r in rows if r.get(metric) is not None]
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, marker=".", label=run_dir.name)
-            ax.set_xlabel(LABELS[axis])
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
+    runs = [(Path(r).name, read_rows(Path(r))) for r in args.runs]
+    fig = draw(runs, metrics, xs_axes)
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
     return 0
