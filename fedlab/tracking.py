@@ -22,6 +22,7 @@ Both packages are optional extras; naming a tracker whose package is missing is 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -128,9 +129,10 @@ class TensorBoardLog:
     def __init__(self, log_dir: Path, config: RunConfig, *, version: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        fresh = version == 0 or not log_dir.exists()  # a resumed run may start tracking late
         self.writer = SummaryWriter(str(log_dir), purge_step=version + 1 if version else None)
         self.version = version
-        if version == 0:
+        if fresh:
             self._hparams(config)
             self.writer.add_text("config", "```toml\n" + config.to_toml() + "```", 0)
 
@@ -179,7 +181,17 @@ class MLflowLog:
         run_dir = run_dir.resolve()
         local = not config.mlflow_uri
         self.uri = config.mlflow_uri or f"sqlite:///{run_dir / MLFLOW_DB}"
-        self.client = MlflowClient(tracking_uri=self.uri)
+        # MLflow announces at INFO level that it creates its tables; a quiet run stays quiet.
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        level = db_log.level
+        db_log.setLevel(logging.WARNING)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self._start(run_dir, config, local=local, version=version)
+        finally:
+            db_log.setLevel(level)
+
+    def _start(self, run_dir: Path, config: RunConfig, *, local: bool, version: int) -> None:
         self.finished = False
         saved = self._saved(run_dir / MLFLOW_RUN) if version else None
         if saved is not None:
