@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,3 +182,25 @@ def test_cli_and_api_call_the_one_run_path(tmp_path: Path, monkeypatch: pytest.M
     fedlab.simulate(rounds=1, out=str(tmp_path / "a"), **FAST)
     assert main(["simulate", *FAST_FLAGS, "--rounds", "1", "--out", str(tmp_path / "b")]) == 0
     assert calls == ["simulate", "simulate"]
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "examples" / "notebook_quickstart.py"
+
+
+@pytest.mark.slow
+def test_notebook_quickstart_runs(tmp_path: Path) -> None:
+    """The percent-format notebook's cells, run in order in one namespace, as a kernel would."""
+    text = NOTEBOOK.read_text()
+    cells = re.split(r"^# %%.*$", text, flags=re.MULTILINE)[1:]
+    code = [c for c in cells if c.strip() and not c.lstrip().startswith("#")]
+    assert len(cells) >= 10 and len(code) >= 6
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(NOTEBOOK)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1, 2, 3, 4, 5, 6, 7, 8, 9]" in proc.stdout  # the resumed run's versions
+    assert (tmp_path / "notebook-fedavg.png").stat().st_size > 1000
+    history = fedlab.History.load(tmp_path / "runs" / "notebook" / "fedavg")
+    assert history.versions == list(range(1, 10))
