@@ -59,10 +59,10 @@ class Tracker(Protocol):
         """Release the tracker (also after a failed or interrupted run)."""
 
 
-def _missing(name: str, extra: str, error: ImportError) -> ConfigError:
+def _missing(name: str, extra: str) -> ConfigError:
     return ConfigError(
-        f"log = {name!r} needs the {extra} package, which is not installed ({error.name or error})"
-        f": pip install 'fedlab[{extra}]'"
+        f"log = {name!r} needs the {extra} package, which is not installed: "
+        f"pip install 'fedlab[{extra}]'"
     )
 
 
@@ -76,13 +76,13 @@ def require(config: RunConfig) -> None:
         if name == "tensorboard":
             try:
                 import torch.utils.tensorboard  # noqa: F401
-            except ImportError as e:
-                raise _missing(name, "tensorboard", e) from None
+            except ImportError:
+                raise _missing(name, "tensorboard") from None
         elif name == "mlflow":
             try:
                 import mlflow.tracking  # noqa: F401
-            except ImportError as e:
-                raise _missing(name, "mlflow", e) from None
+            except ImportError:
+                raise _missing(name, "mlflow") from None
 
 
 def build(config: RunConfig, run_dir: Path, *, version: int) -> list[Tracker]:
