@@ -141,7 +141,7 @@ class History:
         for name in metrics:
             if name not in self.names:
                 raise KeyError(f"no metric {name!r}; the run has {', '.join(self.names)}")
-        figure = plots.draw([(self.run_dir.name, self.rows)], list(metrics), list(x))
+        figure = plots.draw([(self.run_dir.name, [self.rows])], list(metrics), list(x))
         if path is not None:
             figure.savefig(path, dpi=120)
         return figure

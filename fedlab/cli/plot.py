@@ -7,14 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedlab.plots import CUMULATIVE, LABELS, draw
+from fedlab.config import load_toml
+from fedlab.plots import CUMULATIVE, FORMATS, LABELS, draw, group_seeds
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the subcommand."""
     p = sub.add_parser("plot", help="plot accuracy and loss of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
-    p.add_argument("-o", "--output", default="fedlab-plot.png", help="PNG to write")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="fedlab-plot.png",
+        help="the figure to write: PNG, SVG or PDF by its suffix",
+    )
     p.add_argument("--metrics", default="accuracy,loss", help="comma-separated metric names")
     p.add_argument(
         "--x",
@@ -33,6 +39,12 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's saved configuration, to tell runs that differ only by seed."""
+    path = run_dir / "config.toml"
+    return load_toml(path) if path.exists() else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Draw one row of panels per metric, one column per x axis (version and time by default)."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -40,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [x for x in xs_axes if x not in LABELS]
     if unknown or not xs_axes:
         raise ValueError(f"--x takes {', '.join(LABELS)}; got {args.x!r}")
-    runs = [(Path(r).name, read_rows(Path(r))) for r in args.runs]
-    fig = draw(runs, metrics, xs_axes)
+    if Path(args.output).suffix.lower() not in FORMATS:
+        raise ValueError(f"-o must end in {', '.join(FORMATS)}; got {args.output!r}")
+    runs = [(Path(r).name, read_rows(Path(r)), _config(Path(r))) for r in args.runs]
+    fig = draw(group_seeds(runs), metrics, xs_axes)
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
     return 0
