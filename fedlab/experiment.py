@@ -252,21 +252,28 @@ def run(
         engine.resume()
         for w in engine.resume_warnings:
             say(f"fedlab: warning: {w}; resumed from {engine.resumed_from}")
-        metrics.truncate(engine.version)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG).write_text(config.to_toml())
-        engine.save_checkpoint()
-    (run_dir / CONFIG).write_text(config.to_toml())
-    trackers = tracking.build(config, run_dir, version=engine.version)
+    # Trackers start before the run directory changes: one that cannot (an MLflow store out
+    # of reach) stops here with the directory as it was.
+    try:
+        trackers = tracking.build(config, run_dir, version=engine.version)
+    except BaseException:
+        engine.transport.close()
+        raise
     engine.callbacks.extend(trackers)
-    bar = (
-        ProgressBar(config.rounds, start=engine.version, description=command) if progress else None
-    )
-    if bar is not None:
-        engine.callbacks.append(bar)
+    bar: ProgressBar | None = None
     stopped = ""
     try:
+        if resume:
+            metrics.truncate(engine.version)
+        else:
+            (run_dir / CONFIG).write_text(config.to_toml())
+            engine.save_checkpoint()
+        (run_dir / CONFIG).write_text(config.to_toml())
+        if progress:
+            bar = ProgressBar(config.rounds, start=engine.version, description=command)
+            engine.callbacks.append(bar)
         try:
             if ready is not None:
                 ready(engine)

@@ -93,7 +93,18 @@ def build(config: RunConfig, run_dir: Path, *, version: int) -> list[Tracker]:
         if name == "tensorboard":
             trackers.append(TensorBoardLog(run_dir / TENSORBOARD_DIR, config, version=version))
         else:
-            trackers.append(MLflowLog(run_dir, config, version=version))
+            from mlflow.exceptions import MlflowException
+
+            try:
+                trackers.append(MLflowLog(run_dir, config, version=version))
+            except MlflowException as e:
+                for tracker in trackers:
+                    tracker.close()
+                # The run directory and checkpoint are written: --resume continues once the
+                # store is reachable (or with another --mlflow-uri).
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                where = config.mlflow_uri or "the run directory"
+                raise ConfigError(f"MLflow at {where}: {first}") from None
     return trackers
 
 

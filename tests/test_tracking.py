@@ -170,3 +170,16 @@ def test_log_setting_is_checked() -> None:
     assert RunConfig(log="mlflow, tensorboard,mlflow").trackers == ("mlflow", "tensorboard")
     # Tracking does not change the numbers: a run may add or drop it on resume.
     assert RunConfig(log="mlflow").fingerprint() == RunConfig().fingerprint()
+
+
+def test_unusable_mlflow_store_stops_before_the_run_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("mlflow")
+    out = tmp_path / "run"
+    args = ["simulate", *FAST, "--rounds", "1", "--out", str(out), "--no-progress"]
+    assert main([*args, "--log", "mlflow", "--mlflow-uri", "bogus://nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedlab: error: MLflow at bogus://nowhere")
+    assert not (out / "checkpoint.fl").exists()
+    assert main(args) == 0  # the same --out starts afresh: no half-made run is in the way
