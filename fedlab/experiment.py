@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -407,6 +408,8 @@ def _resolve(
             f"config must be a RunConfig, a mapping or a TOML path, got {type(config).__name__}"
         )
     merged = {**base, **settings}
+    if isinstance(merged.get("out"), os.PathLike):  # out=Path("runs/a") reads naturally
+        merged["out"] = os.fspath(merged["out"])
     for key, value in settings.items():
         if key.endswith("_options") and isinstance(base.get(key), Mapping):
             merged[key] = {**base[key], **value}

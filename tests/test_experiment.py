@@ -77,7 +77,7 @@ def test_config_mapping_toml_and_keywords_merge(tmp_path: Path) -> None:
     assert dict(history.config.strategy_options) == {"server_lr": 0.5, "server_momentum": 0.1}
     assert history.config.rounds == 1
     base = RunConfig(rounds=1, **FAST)
-    again = fedlab.simulate(base, out=str(tmp_path / "b"), lr=0.05)
+    again = fedlab.simulate(base, out=tmp_path / "b", lr=0.05)  # a Path is fine
     assert (again.config.lr, again.config.clients) == (0.05, 20)
     with pytest.raises(ConfigError, match="unknown configuration key 'clinets'"):
         fedlab.simulate(clinets=3)

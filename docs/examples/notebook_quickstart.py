@@ -33,7 +33,7 @@ shutil.rmtree(RUNS, ignore_errors=True)  # start over each time the notebook run
 
 # %%
 fedavg = fedlab.simulate(
-    clients=100, fraction=0.1, rounds=6, local_steps=5, seed=1, out=str(RUNS / "fedavg")
+    clients=100, fraction=0.1, rounds=6, local_steps=5, seed=1, out=RUNS / "fedavg"
 )
 print(fedavg)
 
@@ -64,7 +64,7 @@ base = fedavg.config.replace(out="")
 fedadam = fedlab.simulate(
     base,
     strategy_options={"server_optimizer": "adam", "server_lr": 0.03},
-    out=str(RUNS / "fedadam"),
+    out=RUNS / "fedadam",
 )
 for name, history in (("fedavg", fedavg), ("fedadam", fedadam)):
     print(f"{name:8s} final accuracy {history.summary['accuracy']:.4f}")
