@@ -9,6 +9,7 @@ from __future__ import annotations
 from fedlab.client import ClientAlgorithm, ClientContext, ClientRuntime, Fit
 from fedlab.config import ConfigError, RunConfig
 from fedlab.engine import Callback, CheckpointError, Engine
+from fedlab.experiment import History, simulate
 from fedlab.registry import register, resolve
 from fedlab.strategy import Buffer, EveryRound, Period, Strategy, Trigger, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext, UpdateTransform
@@ -30,6 +31,7 @@ __all__ = [
     "EveryRound",
     "Failure",
     "Fit",
+    "History",
     "Metrics",
     "Params",
     "Period",
@@ -48,4 +50,5 @@ __all__ = [
     "__version__",
     "register",
     "resolve",
+    "simulate",
 ]

@@ -26,6 +26,7 @@ BACKENDS = ("inprocess", "ray")
 DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
+TRACKERS = ("tensorboard", "mlflow")
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
 NOT_FINGERPRINTED = frozenset(
@@ -42,6 +43,8 @@ NOT_FINGERPRINTED = frozenset(
         "config",
         "threads",
         "cache_mb",
+        "log",
+        "mlflow_uri",
     }
 )
 
@@ -106,6 +109,9 @@ class RunConfig:
     compress_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     out: str = ""
+    # Experiment tracking (fedlab.tracking): where else the metrics rows go.
+    log: str = ""
+    mlflow_uri: str = ""
     dp: str = ""
     noise_multiplier: float = 0.0
     max_grad_norm: float = 1.0
@@ -182,6 +188,7 @@ class RunConfig:
             raise ConfigError("compress_options given without compress: name a codec (--compress)")
         self._check_dp()
         self._check_update_bounds()
+        self._check_log()
 
     def _check_dp(self) -> None:
         if self.dp not in DP_LEVELS:
@@ -216,6 +223,20 @@ class RunConfig:
             raise ConfigError(
                 f"max_num_examples must be in [1, 2**53], got {self.max_num_examples}"
             )
+    def _check_log(self) -> None:
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(
+                f"log takes a comma-separated list of {', '.join(TRACKERS)}; got {self.log!r}"
+            )
+        if self.mlflow_uri and "mlflow" not in self.trackers:
+            raise ConfigError("mlflow_uri given without mlflow in log: add --log mlflow")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The experiment trackers named by ``log``, in order, without repeats."""
+        names = (t.strip() for t in self.log.split(","))
+        return tuple(dict.fromkeys(t for t in names if t))
 
     @property
     def task_config(self) -> dict[str, Any]:

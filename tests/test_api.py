@@ -21,6 +21,7 @@ PUBLIC = {
     "EveryRound",
     "Failure",
     "Fit",
+    "History",
     "Metrics",
     "Params",
     "Period",
@@ -39,6 +40,7 @@ PUBLIC = {
     "__version__",
     "register",
     "resolve",
+    "simulate",
 }
 
 

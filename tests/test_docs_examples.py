@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from fedlab import Round, Update
+from fedlab import Round, Update, experiment
+from fedlab.cli import export as cli_export
 from fedlab.cli import main
 from fedlab.cli import plot as cli_plot
 from fedlab.cli import simulate as cli_simulate
@@ -40,6 +41,7 @@ GUIDES = [
     DOCS / "how-to-write-a-strategy.md",
     DOCS / "how-to-use-your-own-model-and-data.md",
     DOCS / "how-to-compress-updates.md",
+    DOCS / "how-to-track-experiments.md",
     DOCS / "explanation-architecture.md",
 ]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -246,7 +248,8 @@ def test_documented_command_parses(
         raise AssertionError("a documented command would really run")
 
     monkeypatch.setattr(cli_simulate, "run", simulate)
-    monkeypatch.setattr(cli_simulate, "build_workload", no_run)
+    monkeypatch.setattr(experiment, "run", no_run)
+    monkeypatch.setattr(cli_export, "run", lambda args: seen.append("export") or 0)
     monkeypatch.setattr(cli_plot, "run", lambda args: seen.append("plot") or 0)
     monkeypatch.setattr(cli_strategies, "run", lambda args: seen.append("strategies") or 0)
     try:

@@ -71,6 +71,10 @@ HELP = {
     "compress": "codec applied to every client update: fedzip, float16, int8, topk, or "
     "pkg.mod:Class (empty: none)",
     "eval_every": "evaluate the global model every N versions",
+    "log": "also log the run to experiment trackers: tensorboard, mlflow, or both "
+    "(comma-separated; each needs its extra, e.g. pip install 'fedlab[tensorboard]')",
+    "mlflow_uri": "MLflow tracking URI for --log mlflow (default: an SQLite store in the run "
+    "directory)",
     "out": "run directory (default: runs/<strategy>-<workload>-<time>)",
     "dp": "differential privacy: sample (DP-SGD on every client's records), client "
     "(DP-FedAvg: clipped updates plus noise); empty: none",
