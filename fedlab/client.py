@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from fedlab import seeding
-from fedlab.data import ClientData
+from fedlab.data.base import ClientData
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.types import ClientId, Metrics, Params, State, Task, Update
 
 if TYPE_CHECKING:
-    from fedlab.data import Workload
+    from fedlab.data.base import Workload
 
 
 @dataclass(frozen=True)
