@@ -8,6 +8,7 @@ same runtime serves in-process simulation, Ray actors and the deployed gRPC clie
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class ClientRuntime:
             return data
         data = self.workload.client_data(client_id)
         if self.device.type != "cpu":
-            data = type(data)(x=data.x.to(self.device), y=data.y.to(self.device))
+            data = dataclasses.replace(data, x=data.x.to(self.device), y=data.y.to(self.device))
         size = data.x.nbytes + data.y.nbytes
         if size <= self.cache_bytes:
             self._cache[client_id] = data

@@ -62,6 +62,6 @@ def test_synthetic_client_test_split_is_its_own_held_out_fifth() -> None:
 
 def test_unknown_split_is_refused_with_the_choices() -> None:
     w = make_workload("digits", num_clients=4, seed=0)
-    with pytest.raises(ValueError, match="unknown split 'tset'.*'test'"):
+    with pytest.raises(ValueError, match=r"unknown split 'tset'.*'test'"):
         w.client_data(0, "tset")
     assert SPLITS == ("train", "test")

@@ -127,6 +127,13 @@ class Workload(Protocol):
         ...
 
 
+class MissingExtra(ImportError, ValueError):
+    """An optional dependency is not installed; the message says what to install.
+
+    A ValueError too, so the command line reports it as one line like any other bad input.
+    """
+
+
 def unknown(kind: str, value: str, choices: tuple[str, ...] | list[str]) -> ValueError:
     """A ValueError naming the valid choices and the closest ones to ``value``."""
     close = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.6)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from fedlab.data import digits, synthetic
+from fedlab.data import digits, leaf, synthetic, vision
 from fedlab.data.base import Workload, load_model_factory, unknown
 from fedlab.data.custom import CustomWorkload
 from fedlab.data.digits import DigitsWorkload
@@ -18,17 +18,29 @@ from fedlab.data.wls import WLSWorkload
 WORKLOADS: tuple[str, ...] = ("synthetic", "digits")
 """The generated classification workloads (no files needed)."""
 
+DATASETS: tuple[str, ...] = ("femnist", "shakespeare", "cifar10", "cifar100", "hf")
+"""The workloads read from files the user downloaded once (``data_dir`` / ``dataset``)."""
+
 DEFAULT_PARTITION = {
     "synthetic": "iid",
     "digits": "iid",
     "digits-shift": "iid",
     "wls": "natural",
     "custom": "natural",
+    "femnist": "natural",
+    "shakespeare": "natural",
+    "cifar10": "dirichlet",
+    "cifar100": "dirichlet",
+    "hf": "iid",
 }
 
 _MODELS: dict[str, dict[str, Callable[[], nn.Module]]] = {
     "synthetic": synthetic.MODELS,
     "digits": digits.MODELS,
+    "femnist": leaf.SOURCES["femnist"].models,
+    "shakespeare": leaf.SOURCES["shakespeare"].models,
+    "cifar10": vision.cifar_models(10),
+    "cifar100": vision.cifar_models(100),
 }
 
 
@@ -88,6 +100,12 @@ def make_workload(
     synthetic_alpha: float = 0.5,
     synthetic_beta: float = 0.5,
     label_swap: float = 0.0,
+    data_dir: str = "",
+    dataset: str = "",
+    features: str = "",
+    label: str = "",
+    partition_by: str = "",
+    classes_per_client: int = 2,
 ) -> Workload:
     """Build a workload whose client data is generated lazily from ``(seed, client_id)``.
 
@@ -118,6 +136,15 @@ def make_workload(
             clients relabel a fraction ``h`` of their 0s as 1 and of their 1s as 0, odd
             clients do the same with 8 and 9 (which examples: from ``(seed, client)``). The
             test set keeps the true labels.
+        data_dir: for ``femnist`` and ``shakespeare`` (LEAF's preprocessed JSON, natural
+            partition only) and ``cifar10`` / ``cifar100`` (the binary archives): the folder
+            holding the files (see ``docs/how-to-use-federated-datasets.md``).
+        dataset: for ``hf``: a local Hugging Face dataset (``save_to_disk`` folder, parquet,
+            csv or image folder).
+        features: for ``hf``: the feature column (or numeric columns, comma-separated).
+        label: for ``hf``: the label column.
+        partition_by: for ``hf`` with ``partition="natural"``: the client-id column.
+        classes_per_client: for ``hf`` with ``partition="pathological"``.
 
     Returns:
         The workload.
@@ -128,6 +155,21 @@ def make_workload(
     """
     if partition is None or partition == "":
         partition = DEFAULT_PARTITION.get(name if data is None else "custom", "natural")
+    if name == "hf" and data is None:
+        return _hf(
+            num_clients=num_clients,
+            seed=seed,
+            model=model,
+            partition=partition,
+            alpha=alpha,
+            dataset=dataset,
+            features=features,
+            label=label,
+            partition_by=partition_by,
+            classes_per_client=classes_per_client,
+        )
+    if (dataset or features or label or partition_by) and name != "hf":
+        raise ValueError("dataset, features, label and partition_by apply to workload 'hf' only")
     check_common(
         num_clients=num_clients,
         seed=seed,
@@ -158,6 +200,41 @@ def make_workload(
         return CustomWorkload(name=name, data=data, num_clients=num_clients, seed=seed, model=model)
     if name == "custom":
         raise ValueError("workload 'custom' needs data='pkg.mod:load_client'")
+    if name in DATASETS:
+        if not data_dir:
+            raise ValueError(
+                f"workload {name!r} reads files from disk: pass data_dir (--data-dir DIR); "
+                "see docs/how-to-use-federated-datasets.md for where to get them"
+            )
+        factory = pick_model(name, model, _MODELS[name])
+        if name in leaf.SOURCES:
+            if partition != "natural":
+                raise ValueError(
+                    f"{name} is split by LEAF's natural partition (one client per "
+                    f"{'writer' if name == 'femnist' else 'speaking role'}); use "
+                    "partition='natural' (--partition natural)"
+                )
+            return leaf.LeafWorkload(
+                name=name, data_dir=data_dir, num_clients=num_clients, seed=seed, model=factory
+            )
+        if partition == "natural":
+            raise ValueError(
+                f"{name} has no natural per-client split; use one of 'iid', 'dirichlet', "
+                "'shards' or 'lognormal'"
+            )
+        return vision.CifarWorkload(
+            name=name,
+            data_dir=data_dir,
+            num_clients=num_clients,
+            seed=seed,
+            partition=partition,
+            alpha=alpha,
+            shards_per_client=shards_per_client,
+            sigma=sigma,
+            model=factory,
+        )
+    if data_dir:
+        raise ValueError(f"data_dir applies to {', '.join(DATASETS[:-1])} only, not {name!r}")
     if name == "wls":
         # Kept out of WORKLOADS (the classification workloads): it is a regression
         # benchmark for ADMM-WLS, evaluated by its own ``evaluate``.
@@ -170,7 +247,7 @@ def make_workload(
         # turned 90 degrees, the model pretrained centrally on upright digits).
         name = "digits"
     elif name not in WORKLOADS:
-        raise unknown("workload", name, (*WORKLOADS, "digits-shift", "wls"))
+        raise unknown("workload", name, (*WORKLOADS, "digits-shift", "wls", *DATASETS))
 
     if shift and model == "default":
         model = "mlp"
@@ -208,4 +285,48 @@ def make_workload(
         label_swap=label_swap,
         shift=shift,
         model_name=model,
+    )
+
+
+def _hf(
+    *,
+    num_clients: int,
+    seed: int,
+    model: str,
+    partition: str,
+    alpha: float,
+    dataset: str,
+    features: str,
+    label: str,
+    partition_by: str,
+    classes_per_client: int,
+) -> Workload:
+    # Imported here: the module is small, but its libraries are an optional extra.
+    from fedlab.data.huggingface import HF_PARTITIONS, HFWorkload
+
+    check_common(
+        num_clients=num_clients,
+        seed=seed,
+        partition="natural",  # checked against HF_PARTITIONS below
+        alpha=alpha,
+        sigma=0.0,
+        shards_per_client=1,
+    )
+    if partition not in HF_PARTITIONS:
+        raise unknown("partition for workload 'hf'", partition, HF_PARTITIONS)
+    if not dataset:
+        raise ValueError("workload 'hf' needs dataset (--dataset PATH), features and label")
+    if isinstance(classes_per_client, bool) or classes_per_client < 1:
+        raise ValueError(f"classes_per_client must be >= 1, got {classes_per_client!r}")
+    return HFWorkload(
+        dataset=dataset,
+        features=features,
+        label=label,
+        num_clients=num_clients,
+        seed=seed,
+        partition=partition,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        partition_by=partition_by,
+        model=load_model_factory(model) if ":" in model else model,
     )

@@ -113,6 +113,7 @@ class LabelPartition:
         self._iid_perm = rng(seed, P_IID_PERM).permutation(n)
         self._by_label = np.argsort(labels, kind="stable")
         self._pools = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        self._absent = np.array([len(p) == 0 for p in self._pools], dtype=bool)
         self._shard_perm: npt.NDArray[np.signedinteger[Any]] | None = None
         if partition == "shards":
             sizes, per_group = shard_groups(labels, num_clients * shards_per_client)
@@ -141,6 +142,10 @@ class LabelPartition:
     def _dirichlet(self, k: int) -> IntArray:
         gen = rng(self.seed, P_DIRICHLET, k)
         q = gen.dirichlet(np.full(self.num_classes, self._alpha))
+        # Labels with no example in the pool get no share (q is unchanged when all exist).
+        q[self._absent] = 0.0
+        if q.sum() == 0:
+            q[~self._absent] = 1.0
         counts = gen.multinomial(self._client_size, q / q.sum())
         parts = []
         for label in np.flatnonzero(counts):
