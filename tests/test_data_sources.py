@@ -414,3 +414,18 @@ def test_commands_in_the_datasets_guide_parse() -> None:
         args = build_parser().parse_args(shlex.split(line)[1:])
         config = resolve_config(args)
         assert config.workload in ("femnist", "shakespeare", "cifar10", "cifar100", "hf")
+
+
+def test_missing_hf_extra_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flwr_datasets", None)  # import fails as if not installed
+    code = main(["simulate", "--workload", "hf", "--dataset", str(tmp_path), "--features", "x",
+                 "--label", "y", "--out", str(tmp_path / "run"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "fedlab: error: workload 'hf' needs Hugging Face datasets and Flower Datasets: "
+        "pip install 'fedlab[hf-data]'"
+    )

@@ -355,10 +355,11 @@ class LeafData:
         shape = (end - start, *self.source.feature_shape)
         if self.source.name == "shakespeare":
             return ClientData(torch.from_numpy(x.astype(np.int64)).reshape(shape), y)
-        pixels = torch.from_numpy(x.astype(np.float32))
+        pixels = x.astype(np.float32)
         if self.scale != 1.0:
-            pixels *= self.scale
-        return ClientData(pixels.reshape(shape), y)
+            # In NumPy: one thread, where torch's pool stalls on a busy machine.
+            np.multiply(pixels, np.float32(self.scale), out=pixels)
+        return ClientData(torch.from_numpy(pixels).reshape(shape), y)
 
 
 class LeafWorkload:
