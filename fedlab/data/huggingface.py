@@ -30,8 +30,8 @@ from torch import nn
 
 from fedlab import seeding
 from fedlab.data.base import (
+    P_CLIENT_SUBSET,
     P_HF_SPLIT,
-    P_LEAF_CLIENTS,
     ClientData,
     MissingExtra,
     check_client_id,
@@ -202,7 +202,7 @@ class HFWorkload:
         self.num_clients = num_clients
         self._ids = np.arange(num_clients, dtype=np.int64)
         if num_clients < available:
-            picked = rng(seed, P_LEAF_CLIENTS).choice(available, size=num_clients, replace=False)
+            picked = rng(seed, P_CLIENT_SUBSET).choice(available, size=num_clients, replace=False)
             self._ids = np.sort(picked).astype(np.int64)
         self._test_ds = test
         self._test: ClientData | None = None

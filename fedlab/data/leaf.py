@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedlab.data.base import (
-    P_LEAF_CLIENTS,
+    P_CLIENT_SUBSET,
     ClientData,
     check_client_id,
     check_split,
@@ -396,7 +396,7 @@ class LeafWorkload:
         if num_clients == total:
             self._users = np.arange(total, dtype=np.int64)
         else:
-            picked = rng(seed, P_LEAF_CLIENTS).choice(total, size=num_clients, replace=False)
+            picked = rng(seed, P_CLIENT_SUBSET).choice(total, size=num_clients, replace=False)
             self._users = np.sort(picked).astype(np.int64)
         self._model = model
         self._test: ClientData | None = None
@@ -422,7 +422,7 @@ class LeafWorkload:
         count = min(LEAF_TEST_CLIENTS, self.num_clients)
         if count == self.num_clients:
             return list(range(count))
-        gen = rng(self.seed, P_LEAF_CLIENTS, self.num_clients)
+        gen = rng(self.seed, P_CLIENT_SUBSET, self.num_clients)
         return sorted(int(c) for c in gen.choice(self.num_clients, size=count, replace=False))
 
     def test_data(self) -> ClientData:

@@ -38,8 +38,8 @@ from fedlab.data.partition import LabelPartition
 _PIXELS = 3 * 32 * 32
 # Per-channel mean and standard deviation of the CIFAR-10 training images, the usual
 # normalisation (CIFAR-100's differ in the second decimal; one pair keeps the code simple).
-_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
+_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
 _PAD = 4
 
 
@@ -118,8 +118,9 @@ def read_records(source: CifarSource, paths: list[Path]) -> tuple[npt.NDArray[np
 
 def normalize(images: npt.NDArray[np.uint8]) -> torch.Tensor:
     """uint8 ``(n, 3, 32, 32)`` images as normalised float32."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32) / 255
-    return (x - _MEAN) / _STD
+    # In NumPy: one thread, where torch's pool stalls on a busy machine.
+    x = images.astype(np.float32) / np.float32(255)
+    return torch.from_numpy(np.ascontiguousarray((x - _MEAN) / _STD))
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
