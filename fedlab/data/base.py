@@ -12,9 +12,13 @@ global NumPy and torch generators are never read or advanced.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import operator
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -226,3 +230,18 @@ def matched_test_indices(
             parts.append(pool[gen.integers(0, len(pool), size=c)])
     out: IntArray = np.concatenate(parts).astype(np.int64)
     return out
+
+
+def cache_root(data_dir: Path) -> Path:
+    """Where caches of ``data_dir`` go: beside the data when writable, else the user's cache."""
+    beside = data_dir / ".fedlab-cache"
+    try:
+        beside.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=beside):
+            return beside
+    except OSError:
+        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlab"
+        key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+        path = home / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -34,13 +34,13 @@ from fedlab.data.base import (
     P_HF_SPLIT,
     ClientData,
     MissingExtra,
+    cache_root,
     check_client_id,
     check_split,
     rng,
     seeded_model,
     unknown,
 )
-from fedlab.data.leaf import cache_root
 from fedlab.data.vision import image_cnn
 
 HF_PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "shards", "natural")

@@ -35,6 +35,7 @@ from torch import nn
 from fedlab.data.base import (
     P_CLIENT_SUBSET,
     ClientData,
+    cache_root,
     check_client_id,
     check_split,
     concat,
@@ -166,21 +167,6 @@ def _digest(files: list[Path]) -> str:
         st = f.stat()
         h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def cache_root(data_dir: Path) -> Path:
-    """Where caches of ``data_dir`` go: beside the data when writable, else the user's cache."""
-    beside = data_dir / ".fedlab-cache"
-    try:
-        beside.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=beside):
-            return beside
-    except OSError:
-        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlab"
-        key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
-        path = home / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
 
 class _NotQuantizable(Exception):
