@@ -229,6 +229,8 @@ class LocalSGD(ClientAlgorithm):
         for idx in batches:
             idx = idx.to(data.x.device)
             x, y = data.x[idx], data.y[idx]
+            if data.augment is not None:  # e.g. CIFAR's crop and flip, from the client's stream
+                x = data.augment(x, gen)
             if dp is None:
                 out = forward(params, x)
                 loss = F.cross_entropy(out, y)

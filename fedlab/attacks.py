@@ -488,9 +488,10 @@ class PoisonedWorkload:
     def make_model(self) -> nn.Module:
         return self.inner.make_model()
 
-    def client_data(self, client_id: int) -> ClientData:
-        data = self.inner.client_data(client_id)
-        if client_id in self.malicious:
+    def client_data(self, client_id: int, split: str = "train") -> ClientData:
+        data = self.inner.client_data(client_id, split)
+        # A malicious client poisons what it trains on; its own test data stays as it is.
+        if split == "train" and client_id in self.malicious:
             return self.attack.poison(data, client_id, self.seed)
         return data
 

@@ -8,6 +8,7 @@ same runtime serves in-process simulation, Ray actors and the deployed gRPC clie
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -20,12 +21,12 @@ import torch
 from torch import nn
 
 from fedlab import seeding
-from fedlab.data import ClientData
+from fedlab.data.base import ClientData
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.types import ClientId, Metrics, Params, State, Task, Update
 
 if TYPE_CHECKING:
-    from fedlab.data import Workload
+    from fedlab.data.base import Workload
 
 
 class TrainingError(RuntimeError):
@@ -198,7 +199,7 @@ class ClientRuntime:
             return data
         data = self.workload.client_data(client_id)
         if self.device.type != "cpu":
-            data = type(data)(x=data.x.to(self.device), y=data.y.to(self.device))
+            data = dataclasses.replace(data, x=data.x.to(self.device), y=data.y.to(self.device))
         size = data.x.nbytes + data.y.nbytes
         if size <= self.cache_bytes:
             self._cache[client_id] = data

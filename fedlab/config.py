@@ -72,6 +72,13 @@ class RunConfig:
     label_swap: float = 0.0
     synthetic_alpha: float = 0.5
     synthetic_beta: float = 0.5
+    # Data read from disk (femnist, shakespeare, cifar10, cifar100; hf).
+    data_dir: str = ""
+    dataset: str = ""
+    features: str = ""
+    label: str = ""
+    partition_by: str = ""
+    classes_per_client: int = 2
     fraction: float = 0.1
     participation: str = "uniform"
     participation_options: Mapping[str, Any] = field(default_factory=dict)
@@ -140,6 +147,7 @@ class RunConfig:
             "min_clients",
             "threads",
             "min_updates",
+            "classes_per_client",
         )
         _non_negative(
             self,

@@ -10,40 +10,12 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
 
 from fedlab import tensorio
-from fedlab.types import ClientId, State
+from fedlab.types import ClientId, ClientStore, State
 
 
-class ClientStore(Protocol):
-    """Per-client state, keyed by client id."""
-
-    def get(self, client_id: ClientId) -> State | None:
-        """The state last put for ``client_id``, or ``None``."""
-        ...
-
-    def put(self, client_id: ClientId, state: State | None) -> None:
-        """Keep ``state`` for ``client_id``; an empty or ``None`` state removes the entry."""
-        ...
-
-    def __len__(self) -> int: ...
-
-    def __contains__(self, client_id: object) -> bool:
-        """Whether a state is kept for ``client_id`` (without loading it)."""
-        ...
-
-    def state_dict(self) -> State:
-        """What a checkpoint must hold to restore the store as it is now."""
-        ...
-
-    def load_state_dict(self, state: State) -> None:
-        """Restore from :meth:`state_dict`."""
-        ...
-
-    def checkpointed(self) -> None:
-        """Called once a checkpoint holding :meth:`state_dict` is safely on disk."""
-        ...
+__all__ = ["ClientStore", "DiskStore", "MemoryStore", "StoreError"]
 
 
 class MemoryStore:

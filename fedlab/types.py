@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from fedlab.store import ClientStore
 
 Params = Mapping[str, torch.Tensor]
 """Model parameters (or any named tensors: deltas, rankings, R matrices...)."""
@@ -29,6 +26,36 @@ numbers, strings, booleans and ``None``, so that :mod:`fedlab.tensorio` can save
 
 ClientId = int
 """Clients are numbered ``0 .. num_clients - 1``."""
+
+
+class ClientStore(Protocol):
+    """Per-client state, keyed by client id."""
+
+    def get(self, client_id: ClientId) -> State | None:
+        """The state last put for ``client_id``, or ``None``."""
+        ...
+
+    def put(self, client_id: ClientId, state: State | None) -> None:
+        """Keep ``state`` for ``client_id``; an empty or ``None`` state removes the entry."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, client_id: object) -> bool:
+        """Whether a state is kept for ``client_id`` (without loading it)."""
+        ...
+
+    def state_dict(self) -> State:
+        """What a checkpoint must hold to restore the store as it is now."""
+        ...
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore from :meth:`state_dict`."""
+        ...
+
+    def checkpointed(self) -> None:
+        """Called once a checkpoint holding :meth:`state_dict` is safely on disk."""
+        ...
 
 
 @dataclass(frozen=True)

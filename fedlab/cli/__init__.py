@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedlab.cli import certs, client, export, plot, server, simulate, strategies
+from fedlab.cli import certs, client, datasets, export, plot, server, simulate, strategies
 from fedlab.client import TrainingError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedlab", description="Federated learning for PyTorch: simulate, deploy, extend."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (simulate, server, client, certs, strategies, plot, export):
+    for module in (simulate, server, client, certs, strategies, datasets, plot, export):
         module.add_parser(sub)
     return parser
 

@@ -19,14 +19,22 @@ HELP = {
     "client": "client half name or pkg.mod:Class (default: the strategy's own)",
     "workload": (
         "built-in workload: synthetic, digits or digits-shift (pretrained, then fine-tuned on "
-        "turned digits) (or 'custom' with --data)"
+        "turned digits); from files: femnist, shakespeare, cifar10, cifar100 (with --data-dir) "
+        "or hf (with --dataset); or 'custom' with --data (see `fedlab datasets`)"
     ),
     "model": (
         "model: default, logreg/mlp (synthetic), cnn/mlp (digits; mlp is digits-shift's "
         "default), or pkg.mod:Net"
     ),
     "data": "pkg.mod:load_client, the user's per-client data function",
-    "partition": "natural, iid, dirichlet, shards or lognormal (empty: the workload's default)",
+    "partition": "natural, iid, dirichlet, shards or lognormal; hf: iid, dirichlet, "
+    "pathological, shards or natural (empty: the workload's default)",
+    "data_dir": "folder holding the downloaded files of femnist, shakespeare, cifar10 or cifar100",
+    "dataset": "hf: a local Hugging Face dataset (save_to_disk folder, parquet, csv, image folder)",
+    "features": "hf: the feature column (or numeric columns, comma-separated)",
+    "label": "hf: the label column",
+    "partition_by": "hf with --partition natural: the column holding each example's client id",
+    "classes_per_client": "hf with --partition pathological: labels per client",
     "label_swap": "digits: share of labels swapped (0<->1 on even clients, 8<->9 on odd)",
     "alpha": "Dirichlet concentration for --partition dirichlet",
     "synthetic_alpha": "Synthetic(alpha, beta) model heterogeneity (with --partition natural)",

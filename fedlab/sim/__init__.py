@@ -57,6 +57,12 @@ def build_workload(config: RunConfig) -> Workload:
         label_swap=config.label_swap,
         synthetic_alpha=config.synthetic_alpha,
         synthetic_beta=config.synthetic_beta,
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        features=config.features,
+        label=config.label,
+        partition_by=config.partition_by,
+        classes_per_client=config.classes_per_client,
     )
 
 
