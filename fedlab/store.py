@@ -14,7 +14,6 @@ from pathlib import Path
 from fedlab import tensorio
 from fedlab.types import ClientId, ClientStore, State
 
-
 __all__ = ["ClientStore", "DiskStore", "MemoryStore", "StoreError"]
 
 
