@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("inprocess", "ray")
+BACKENDS = ("inprocess", "ray", "vmap")
 DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
@@ -42,6 +42,7 @@ NOT_FINGERPRINTED = frozenset(
         "config",
         "threads",
         "cache_mb",
+        "vmap_chunk",
     }
 )
 
@@ -117,6 +118,9 @@ class RunConfig:
     clip_quantile: float = 0.5
     clip_lr: float = 0.2
     clip_count_stddev: float = 0.0
+    # Local training loop and the vectorised backend (issue 11).
+    drop_last: bool = False
+    vmap_chunk: int = 0
 
     def __post_init__(self) -> None:
         _positive_int(
@@ -149,6 +153,7 @@ class RunConfig:
             "over_selection",
             "clip_lr",
             "clip_count_stddev",
+            "vmap_chunk",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm", "clip_norm")
         if not 0 < self.fraction <= 1:
@@ -205,6 +210,8 @@ class RunConfig:
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
         }
+        if self.drop_last:  # sent only when set: clients default to the partial last batch
+            config["drop_last"] = True
         if self.dp == "sample":
             config.update(
                 dp=True,

@@ -189,6 +189,10 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
         from fedlab.sim.ray import RayExecutor
 
         return RayExecutor(config)
+    if config.backend == "vmap":
+        from fedlab.sim.vmap import VmapExecutor
+
+        return VmapExecutor(build_runtime(config, workload), chunk=config.vmap_chunk)
     return InProcessExecutor(build_runtime(config, workload))
 
 
