@@ -10,7 +10,6 @@ versions and resumes, and the client's ``ε`` at its ``δ`` is reported in every
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from fedlab import privacy, seeding
 from fedlab.client import (
@@ -27,7 +26,6 @@ from fedlab.client import (
     ClientContext,
     Fit,
     batches_per_pass,
-    minibatch_grid,
     minibatches,
 )
 from fedlab.data import ClientData
@@ -316,201 +314,3 @@ class LocalSGD(ClientAlgorithm):
         }
         return metrics, {**(state or {}), "dp": record}
 
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One client's task in a batched call of :meth:`LocalSGD.fit_batched`."""
-
-    data: ClientData
-    task: Task
-    state: State | None
-    ctx: ClientContext
-
-
-def batchable(algorithm: ClientAlgorithm, task: Task) -> bool:
-    """Whether :meth:`LocalSGD.fit_batched` trains ``task`` exactly as ``algorithm.fit`` would.
-
-    True for :class:`LocalSGD` and subclasses that only change its settings; client halves
-    that override ``fit`` or ``setup`` (FRL's scores, Fed-SB's and FedIT's adapters) train
-    other tensors with their own forward, and DP-SGD's per-record loop is not batched yet.
-    """
-    kind = type(algorithm)
-    return (
-        isinstance(algorithm, LocalSGD)
-        and kind.fit is LocalSGD.fit
-        and kind.setup is ClientAlgorithm.setup
-        and not algorithm.setting(task, "dp")
-    )
-
-
-def unbatchable_model(model: nn.Module) -> str:
-    """Why ``model`` cannot be trained per client inside ``vmap`` ("" when it can).
-
-    Buffers (BatchNorm's running statistics) would be updated in place by every client at
-    once, and dropout draws from the global random stream, which the sequential loop consumes
-    client after client: neither has a per-client batched equivalent with the same numbers.
-    """
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        return f"it has buffers ({', '.join(buffers[:3])})"
-    dropout = [
-        type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
-    ]
-    if dropout:
-        return f"it uses {dropout[0]}"
-    return ""
-
-
-def fit_batched(algorithm: LocalSGD, model: nn.Module, items: Sequence[BatchItem]) -> list[Fit]:
-    """:meth:`LocalSGD.fit` for many clients at once, as one batched computation per step.
-
-    Every client has its own slice of parameters stacked along a leading client dimension
-    (tasks of different versions may share a call) and is trained with ``torch.func``
-    (``functional_call`` + ``vmap`` + ``grad``). The minibatch index streams are drawn from
-    the same generators as the sequential loop, so every client sees the same examples in
-    the same order; clients with different data sizes, batch sizes and step counts are padded,
-    and a masked mean loss per client makes a partial batch equal the sequential one. Clients
-    are ordered by step count, so step ``s`` computes only the clients that still train.
-    Results equal :meth:`LocalSGD.fit` up to floating-point rounding (batched kernels sum
-    in another order). ``model`` gives the architecture; its values are not used or changed.
-    """
-    model.train()
-    fits: list[Fit | None] = [None] * len(items)
-    floating = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-    live = [i for i, it in enumerate(items) if len(it.data) > 0]
-    for i in range(len(items)):
-        if i not in live:  # no data: no step, a zero delta, as the sequential loop gives
-            it = items[i]
-            payload = {
-                k: torch.zeros_like(it.task.params[k], device=it.ctx.device) for k in floating
-            }
-            fits[i] = Fit(payload=payload, num_examples=0, state=it.state)
-    if live:
-        plans = [algorithm.plan(items[i].task, len(items[i].data)) for i in live]
-        order = sorted(range(len(live)), key=lambda j: -plans[j].steps)  # stable
-        chosen = [items[live[j]] for j in order]
-        trained = _train_stacked(model, chosen, [plans[j] for j in order], floating)
-        for j, fit in zip(order, trained, strict=True):
-            fits[live[j]] = fit
-    return [f for f in fits if f is not None]
-
-
-def _index_streams(
-    items: Sequence[BatchItem], plans: Sequence[Plan], offsets: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Flat example indices ``[C, S, B]`` and their mask, from each client's own generator,
-    and per step ``s`` the number of clients still training and the widest batch."""
-    steps = max(p.steps for p in plans)
-    width = max(p.batch_size for p in plans)
-    idx = torch.zeros(len(items), steps, width, dtype=torch.long)
-    valid = torch.zeros(len(items), steps, width, dtype=torch.bool)
-    for c, (it, plan) in enumerate(zip(items, plans, strict=True)):
-        grid, mask = minibatch_grid(
-            len(it.data),
-            plan.batch_size,
-            plan.steps,
-            it.ctx.generator(it.task.version),
-            drop_last=plan.drop_last,
-        )
-        idx[c, : plan.steps, : plan.batch_size] = grid + offsets[c]
-        valid[c, : plan.steps, : plan.batch_size] = mask
-    sizes = valid.sum(2)
-    counts = (sizes > 0).sum(0).tolist()  # clients are ordered by steps: a prefix trains
-    widest = sizes.max(0).values.tolist()
-    return idx, valid, list(zip(counts, widest, strict=True))
-
-
-def _train_stacked(
-    model: nn.Module, items: Sequence[BatchItem], plans: Sequence[Plan], floating: list[str]
-) -> list[Fit]:
-    device = items[0].data.x.device
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    shapes = dict(model.state_dict())
-    start = {
-        k: torch.stack([it.task.params[k].to(device, shapes[k].dtype) for it in items])
-        for k in floating
-    }
-    params = [start[k].clone() for k in names]
-    sizes = [len(it.data) for it in items]
-    offsets = [0, *itertools.accumulate(sizes)][:-1]
-    xs = torch.cat([it.data.x for it in items])
-    ys = torch.cat([it.data.y for it in items])
-    idx, valid, schedule = _index_streams(items, plans, offsets)
-    idx, valid = idx.to(device), valid.to(device)
-    dtype = params[0].dtype if params else torch.float32
-
-    def per_client(values: list[float]) -> float | torch.Tensor:
-        """A scalar when every client shares the value (the sequential loop's exact op)."""
-        if all(v == values[0] for v in values):
-            return values[0]
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    lr = per_client([p.lr for p in plans])
-    momentum = per_client([p.momentum for p in plans])
-    decay = per_client([p.weight_decay for p in plans])
-    use_momentum = any(p.momentum for p in plans)
-    use_decay = any(p.weight_decay for p in plans)
-    buffers = [torch.zeros_like(p) for p in params] if use_momentum else []
-
-    batched_forward = vmap(
-        lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
-    )
-
-    def step(
-        ps: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """Per-client gradients of the masked mean loss, loss sums and hits, for ``k``
-        clients at once: the clients' losses do not share a parameter, so the gradient of
-        their sum is every client's own gradient (one backward; cheaper than ``vmap(grad)``
-        for small models, whose cost is per-call overhead)."""
-        leaves = [p.detach().requires_grad_(True) for p in ps]
-        out = batched_forward(tuple(leaves), x)  # [k, B, classes]
-        losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-        totals = (losses.view_as(w) * w).sum(1)
-        grads = torch.autograd.grad((totals / w.sum(1)).sum(), leaves)
-        hits = ((out.detach().argmax(2) == y) & (w > 0)).sum(1)
-        return grads, totals.detach(), hits
-
-    n_clients = len(items)
-    loss_sum = torch.zeros(n_clients, dtype=dtype, device=device)
-    correct = torch.zeros(n_clients, dtype=torch.long, device=device)
-
-    def scale(v: float | torch.Tensor, k: int, like: torch.Tensor) -> float | torch.Tensor:
-        if isinstance(v, float):
-            return v
-        return v[:k].view(-1, *([1] * (like.dim() - 1)))
-
-    for s, (k, width) in enumerate(schedule):
-        b_idx = idx[:k, s, :width]
-        w = valid[:k, s, :width].to(dtype)
-        grads, totals, hits = step([p[:k] for p in params], xs[b_idx], ys[b_idx], w)
-        with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                pk = p[:k]
-                if use_decay:
-                    d = scale(decay, k, pk)
-                    g = g.add(pk, alpha=d) if isinstance(d, float) else g + d * pk
-                if use_momentum:
-                    b = buffers[i][:k]
-                    m = scale(momentum, k, pk)
-                    b.mul_(m).add_(g)
-                    g = b
-                r = scale(lr, k, pk)
-                if isinstance(r, float):
-                    pk.add_(g, alpha=-r)
-                else:
-                    pk.sub_(r * g)
-            loss_sum[:k] += totals
-            correct[:k] += hits
-    trained = dict(zip(names, params, strict=True))
-    seen = valid.sum((1, 2)).tolist()
-    losses, right = loss_sum.tolist(), correct.tolist()
-    fits = []
-    for c, it in enumerate(items):
-        payload = {
-            k: (trained[k][c] - start[k][c]) if k in trained else torch.zeros_like(start[k][c])
-            for k in floating
-        }
-        metrics = {"loss": losses[c] / max(seen[c], 1), "accuracy": right[c] / max(seen[c], 1)}
-        fits.append(Fit(payload=payload, num_examples=sizes[c], metrics=metrics, state=it.state))
-    return fits

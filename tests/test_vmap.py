@@ -51,7 +51,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: Any) -
     ],
 )
 def test_batched_fit_equals_sequential_fit_client_by_client(configs: list[dict[str, Any]]) -> None:
-    from fedlab.clients.sgd import BatchItem, fit_batched
+    from fedlab.clients.sgd_vmap import BatchItem, fit_batched
 
     config = small_config(clients=8)
     workload = build_workload(config)
@@ -77,7 +77,7 @@ def test_batched_fit_equals_sequential_fit_client_by_client(configs: list[dict[s
 
 
 def test_a_client_without_data_gets_a_zero_delta_and_no_metrics() -> None:
-    from fedlab.clients.sgd import BatchItem, fit_batched
+    from fedlab.clients.sgd_vmap import BatchItem, fit_batched
 
     workload = build_workload(small_config(clients=4))
     model = workload.make_model()
@@ -150,16 +150,87 @@ def test_any_chunk_size_gives_the_same_run() -> None:
 def test_unbatched_client_halves_fall_back_with_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Sample-level DP-SGD is not batched: every job is trained by the sequential loop,
-    announced once, with exactly the in-process backend's numbers."""
-    config = small_config(dp="sample", noise_multiplier=0.5, rounds=2)
+    """FRL's client half trains scores with its own fit: every job is trained by the
+    sequential loop, announced once, with exactly the in-process backend's numbers."""
+    config = small_config(strategy="frl", model="mlp", rounds=2)
     with caplog.at_level(logging.WARNING, logger="fedlab.sim.vmap"):
         batched = _run(config.replace(backend="vmap"), 2)
     lines = [r.getMessage() for r in caplog.records if r.name == "fedlab.sim.vmap"]
-    assert len(lines) == 1 and "LocalSGD with sample-level DP-SGD" in lines[0]
+    assert len(lines) == 1 and "FRLClient" in lines[0]
     sequential = _run(config, 2)
     for k, v in sequential["params"].items():
         assert torch.equal(batched["params"][k], v), k
+
+
+DP = {"dp": True, "noise_multiplier": 0.7, "max_grad_norm": 0.5}
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        # Poisson batches (some empty), noise, clipping; settings that differ per client
+        [
+            {**DP, "local_steps": 4, "batch_size": 6},
+            {**DP, "local_steps": 2, "batch_size": 20, "momentum": 0.9, "max_grad_norm": 2.0},
+            {**DP, "local_epochs": 1.0, "batch_size": 1, "noise_multiplier": 0.0},
+        ],
+        # shuffled fixed-size batches with a partial last one; sigma solved for an epsilon
+        [
+            {**DP, "poisson": False, "local_epochs": 1.0, "batch_size": 16},
+            {
+                **DP,
+                "poisson": False,
+                "local_steps": 3,
+                "batch_size": 8,
+                "noise_multiplier": 0.0,
+                "target_epsilon": 4.0,
+                "dp_versions": 5,
+            },
+        ],
+    ],
+)
+def test_batched_dp_sgd_equals_the_sequential_dp_sgd(configs: list[dict[str, Any]]) -> None:
+    """Per-record gradients nested in the per-client vmap: the same Poisson batches, clipping,
+    noise and accountant as LocalSGD.train."""
+    from fedlab.clients.sgd_vmap import BatchItem, fit_batched
+
+    config = small_config(clients=8)
+    workload = build_workload(config)
+    model = workload.make_model()
+    algorithm = LocalSGD()
+    items, expected = [], []
+    for cid, cfg in enumerate(configs):
+        start = {k: v + 0.01 * cid for k, v in model.state_dict().items()}
+        task, data = Task(2, start, cfg), workload.client_data(cid)
+        state = {"dp": {"history": [[0.7, 0.1, 3.0]]}} if cid == 0 else None
+        ctx = ClientContext(client_id=cid, seed=config.seed)
+        items.append(BatchItem(data=data, task=task, state=state, ctx=ctx))
+        own = workload.make_model()
+        own.load_state_dict(start)
+        expected.append(algorithm.fit(own, data, task, state, ctx))
+    got = fit_batched(algorithm, workload.make_model(), items)
+    for fit, ref in zip(got, expected, strict=True):
+        _close(dict(fit.payload), dict(ref.payload), **TASK_TOL)
+        assert fit.state == ref.state
+        assert set(fit.metrics) == set(ref.metrics)
+        for key, value in ref.metrics.items():
+            assert fit.metrics[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_vmap_backend_equals_sequential_with_dp_sgd_and_fedzip(tmp_path: Path) -> None:
+    config = small_config(
+        dp="sample",
+        noise_multiplier=0.8,
+        max_grad_norm=1.0,
+        compress="fedzip",
+        clients=24,
+        fraction=0.25,
+        local_steps=3,
+        batch_size=10,
+    )
+    sequential = _run(config, 20)
+    batched = _resumed(config.replace(backend="vmap", vmap_chunk=4), tmp_path, 10, 20)
+    _close(batched["params"], sequential["params"], **RUN_TOL)
 
 
 def test_executor_hands_results_back_one_by_one_and_refuses_unknown_clients() -> None:
@@ -199,3 +270,69 @@ def test_vmap_settings_are_checked() -> None:
         RunConfig(vmap_chunk=-1)
     with pytest.raises(ConfigError, match="backend"):
         RunConfig(backend="vmapp")
+
+
+class _Branchy(torch.nn.Module):
+    """A model with data-dependent control flow, which ``vmap`` refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(60, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out * 2 if bool(out.sum() > 0) else out
+
+
+class _BranchyWorkload:
+    def __init__(self, base: Any) -> None:
+        self.base, self.name = base, "branchy"
+        self.num_clients, self.num_classes = base.num_clients, base.num_classes
+
+    def make_model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return _Branchy()
+
+    def client_data(self, client_id: int) -> ClientData:
+        return self.base.client_data(client_id)  # type: ignore[no-any-return]
+
+    def test_data(self) -> ClientData:
+        return self.base.test_data()  # type: ignore[no-any-return]
+
+
+def test_a_model_vmap_cannot_batch_falls_back_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fedlab.client import ClientRuntime
+    from fedlab.sim.vmap import VmapExecutor
+
+    workload = _BranchyWorkload(build_workload(small_config(clients=6)))
+
+    def runtime() -> ClientRuntime:
+        return ClientRuntime(workload=workload, algorithm=LocalSGD(), seed=3)  # type: ignore[arg-type]
+
+    executor, ref = VmapExecutor(runtime(), chunk=2), runtime()
+    params = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    task = Task(0, params, {"local_steps": 3, "batch_size": 8})
+    with caplog.at_level(logging.WARNING, logger="fedlab.sim.vmap"):
+        for cid in range(5):
+            executor.submit(Job(cid, task, None))
+        got = [executor.result(cid)[0] for cid in range(5)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedlab.sim.vmap"]
+    assert len(lines) == 1 and "batched training of this model failed" in lines[0]
+    for cid, update in enumerate(got):
+        expected, _ = ref.run(cid, task, None)
+        for k, v in expected.payload.items():
+            assert torch.equal(update.payload[k], v), k
+
+
+def test_models_with_buffers_or_dropout_are_not_batched() -> None:
+    from fedlab.clients.sgd_vmap import unbatchable_model
+
+    assert unbatchable_model(torch.nn.Linear(3, 2)) == ""
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert "buffers" in unbatchable_model(bn)
+    assert "Dropout" in unbatchable_model(torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    tied = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    tied[1].weight = tied[0].weight
+    assert "tied" in unbatchable_model(tied)

@@ -2,21 +2,23 @@
 
 Where the in-process backend trains one client after another, this executor waits until the
 transport asks for a result and then trains every job queued so far at once, with
-:func:`fedlab.clients.sgd.fit_batched` (``torch.func``: each client has its own slice of
+:func:`fedlab.clients.sgd_vmap.fit_batched` (``torch.func``: each client has its own slice of
 params stacked along a leading dimension, so jobs of different versions share a call). Jobs
 go in chunks sized from a memory budget, and results are handed back one by one, so the
 virtual clock, asynchronous triggers, resume and the update pipeline see exactly what the
 in-process backend gives them, up to floating-point rounding.
 
-Client halves, models or tasks that cannot be batched (see
-:func:`~fedlab.clients.sgd.batchable` and :func:`~fedlab.clients.sgd.unbatchable_model`)
-are trained by the sequential loop, announced by one log line, never silently.
+Client halves and models that cannot be batched (see
+:func:`~fedlab.clients.sgd_vmap.batchable` and
+:func:`~fedlab.clients.sgd_vmap.unbatchable_model`) are trained by the sequential loop,
+announced by one log line, never silently.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +26,10 @@ from torch import nn
 from fedlab.client import ClientRuntime
 from fedlab.sim.transport import Job
 from fedlab.types import ClientId, State, Update
+
+if TYPE_CHECKING:
+    from fedlab.clients.sgd import LocalSGD
+    from fedlab.clients.sgd_vmap import BatchItem
 
 __all__ = ["VmapExecutor", "auto_chunk"]
 
@@ -79,52 +85,63 @@ class VmapExecutor:
         self._done.clear()
 
     def _run_queued(self) -> None:
-        from fedlab.clients.sgd import BatchItem, LocalSGD, batchable, fit_batched
+        from fedlab.clients.sgd import LocalSGD
+        from fedlab.clients.sgd_vmap import BatchItem, batchable, fit_batched
 
         jobs = list(self._queued.values())
         self._queued.clear()
         algorithm = self.runtime.algorithm
-        batched: list[Job] = []
-        for job in jobs:
-            reason = self._model_reason or (
-                "" if batchable(algorithm, job.task) else _algorithm_reason(algorithm, job)
-            )
-            if reason:
-                self._announce(reason)
+        reason = self._model_reason or (
+            ""
+            if batchable(algorithm)
+            else f"client half {type(algorithm).__name__} trains "
+            "with its own fit(), which is not batched"
+        )
+        if reason:
+            self._announce(reason)
+            for job in jobs:
                 self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
-            else:
-                batched.append(job)
-        if not batched:
             return
+        batched = jobs
         assert isinstance(algorithm, LocalSGD)  # batchable() said so
-        size = self.chunk or self._auto_chunk(algorithm, batched)
+        items = [
+            BatchItem(
+                data=self.runtime.data(job.client_id),
+                task=job.task,
+                state=(job.state or {}).get("client"),
+                ctx=self.runtime.context(job.client_id),
+            )
+            for job in batched
+        ]
+        size = self.chunk or self._auto_chunk(algorithm, items)
         for start in range(0, len(batched), size):
             part = batched[start : start + size]
-            items = [
-                BatchItem(
-                    data=self.runtime.data(job.client_id),
-                    task=job.task,
-                    state=(job.state or {}).get("client"),
-                    ctx=self.runtime.context(job.client_id),
-                )
-                for job in part
-            ]
-            fits = fit_batched(algorithm, self.runtime.model, items)
+            try:
+                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
+            except (RuntimeError, NotImplementedError) as e:
+                # A model torch.func cannot batch (data-dependent control flow, an op without
+                # a batching rule): nothing was changed, so the sequential loop takes over;
+                # an error of the task itself will be raised there again.
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                self._model_reason = f"batched training of this model failed ({first})"
+                self._announce(self._model_reason)
+                for job in batched[start:]:
+                    self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
+                return
             for job, fit in zip(part, fits, strict=True):
                 self._done[job.client_id] = self.runtime.complete(
                     job.client_id, job.task, job.state, fit
                 )
 
-    def _auto_chunk(self, algorithm: object, jobs: list[Job]) -> int:
-        from fedlab.clients.sgd import LocalSGD
-
-        assert isinstance(algorithm, LocalSGD)
-        data = self.runtime.data(jobs[0].client_id)
-        width = max(
-            algorithm.plan(job.task, max(len(self.runtime.data(job.client_id)), 1)).batch_size
-            for job in jobs
+    def _auto_chunk(self, algorithm: LocalSGD, items: list[BatchItem]) -> int:
+        width = max(algorithm.plan(it.task, max(len(it.data), 1)).batch_size for it in items)
+        example = next((it.data.x[:1] for it in items if len(it.data)), None)
+        if example is None:  # nobody has data: nothing is trained
+            return len(items)
+        private = any(algorithm.setting(it.task, "dp") for it in items)
+        return auto_chunk(
+            self.runtime.model, example, width, self.budget, records=width if private else 0
         )
-        return auto_chunk(self.runtime.model, data.x[:1], width, self.budget)
 
     def _announce(self, reason: str) -> None:
         if reason not in self._announced:
@@ -133,27 +150,20 @@ class VmapExecutor:
 
 
 def _model_reason(model: nn.Module) -> str:
-    from fedlab.clients.sgd import unbatchable_model
+    from fedlab.clients.sgd_vmap import unbatchable_model
 
     why = unbatchable_model(model)
     return f"model {type(model).__name__} cannot be batched: {why}" if why else ""
 
 
-def _algorithm_reason(algorithm: object, job: Job) -> str:
-    from fedlab.clients.sgd import LocalSGD
-
-    name = type(algorithm).__name__
-    if isinstance(algorithm, LocalSGD) and algorithm.setting(job.task, "dp"):
-        return f"client half {name} with sample-level DP-SGD is not batched"
-    return f"client half {name} trains with its own fit(), which is not batched"
-
-
-def auto_chunk(model: nn.Module, example: torch.Tensor, batch: int, budget: int = 0) -> int:
+def auto_chunk(
+    model: nn.Module, example: torch.Tensor, batch: int, budget: int = 0, records: int = 0
+) -> int:
     """Clients per batched call that fit in ``budget`` bytes (0: the device's default).
 
-    A client costs :data:`_PARAM_COPIES` copies of the params plus the activations of a
-    ``batch``-example step, counted from one forward of ``example`` (one record, on the
-    model's device).
+    A client costs :data:`_PARAM_COPIES` copies of the params, ``records`` more for DP-SGD's
+    per-record gradients, plus the activations of a ``batch``-example step, counted from one
+    forward of ``example`` (one record, on the model's device).
     """
     device = example.device
     if not budget:
@@ -163,8 +173,8 @@ def auto_chunk(model: nn.Module, example: torch.Tensor, batch: int, budget: int 
         else:
             budget = min(_CPU_BUDGET, _available_memory() // 4 or _CPU_BUDGET)
     per_param = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_client = _PARAM_COPIES * per_param + _ACTIVATION_FACTOR * batch * _activation_bytes(
-        model, example
+    per_client = (_PARAM_COPIES + records) * per_param + _ACTIVATION_FACTOR * batch * (
+        _activation_bytes(model, example)
     )
     return max(1, budget // max(per_client, 1))
 
