@@ -313,4 +313,3 @@ class LocalSGD(ClientAlgorithm):
             "history": history,
         }
         return metrics, {**(state or {}), "dp": record}
-

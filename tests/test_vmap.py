@@ -140,9 +140,13 @@ def test_vmap_backend_equals_sequential_after_20_versions_with_resume(
     assert batched["now"] == sequential["now"]  # the virtual clock is the backend's business
 
 
-def test_any_chunk_size_gives_the_same_run() -> None:
+def test_any_chunk_size_gives_the_same_run_and_runs_repeat_exactly() -> None:
+    """Chunks change which kernels add up a step (a batch of one client or of many), so
+    chunk sizes agree to rounding; the same configuration repeats bit for bit."""
     config = small_config(backend="vmap", local_epochs=1.0, batch_size=8, rounds=3)
     whole = _run(config.replace(vmap_chunk=0), 3)["params"]
+    again = _run(config.replace(vmap_chunk=0), 3)["params"]
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
     for chunk in (1, 5):
         _close(_run(config.replace(vmap_chunk=chunk), 3)["params"], whole, **TASK_TOL)
 
