@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("inprocess", "ray", "vmap")
+BACKENDS = ("inprocess", "ray", "vmap", "auto")
 DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")

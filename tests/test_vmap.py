@@ -340,3 +340,22 @@ def test_models_with_buffers_or_dropout_are_not_batched() -> None:
     tied = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     tied[1].weight = tied[0].weight
     assert "tied" in unbatchable_model(tied)
+
+
+@pytest.mark.parametrize(
+    ("changes", "picked"),
+    [({}, "vmap"), ({"strategy": "frl", "model": "mlp"}, "inprocess (client half FRLClient")],
+)
+def test_auto_backend_picks_vmap_where_it_batches_and_says_which(
+    changes: dict[str, Any], picked: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedlab.sim.inprocess import InProcessExecutor
+    from fedlab.sim.vmap import VmapExecutor
+
+    config = small_config(backend="auto", **changes)
+    with caplog.at_level(logging.WARNING, logger="fedlab.sim"):
+        engine = build_engine(config)
+    lines = [r.getMessage() for r in caplog.records if "--backend auto" in r.getMessage()]
+    assert len(lines) == 1 and f"picked {picked}" in lines[0]
+    executor = engine.transport.executor  # type: ignore[attr-defined]
+    assert isinstance(executor, VmapExecutor if picked == "vmap" else InProcessExecutor)

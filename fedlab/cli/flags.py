@@ -45,8 +45,9 @@ HELP = {
     "lr": "client learning rate",
     "batch_size": "client minibatch size (0: full batch)",
     "seed": "run seed; every random stream derives from it",
-    "backend": "inprocess (default, no cluster), ray, or vmap (all queued clients trained as "
-    "one batched computation; see docs/how-to-vmap-backend.md)",
+    "backend": "inprocess (default, no cluster), ray, vmap (all queued clients trained as "
+    "one batched computation; see docs/how-to-vmap-backend.md), or auto (vmap where the "
+    "client half and model are batched, else inprocess; says which)",
     "workers": "Ray actors (each holds one model and serves many clients)",
     "ray_address": "join an existing Ray cluster at this address",
     "cpus_per_worker": "CPUs reserved per Ray actor",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fedlab.clients.sgd import LocalSGD
     from fedlab.clients.sgd_vmap import BatchItem
 
-__all__ = ["VmapExecutor", "auto_chunk"]
+__all__ = ["VmapExecutor", "auto_chunk", "why_not_batched"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,17 @@ class VmapExecutor:
         if reason not in self._announced:
             self._announced.add(reason)
             log.warning("fedlab: vmap backend trains sequentially: %s", reason)
+
+
+def why_not_batched(runtime: ClientRuntime) -> str:
+    """Why the vmap backend would train ``runtime``'s jobs sequentially ("" when it batches
+    them): the client half has its own ``fit``, or the model cannot be batched."""
+    from fedlab.clients.sgd_vmap import batchable
+
+    algorithm = runtime.algorithm
+    if not batchable(algorithm):
+        return f"client half {type(algorithm).__name__} trains with its own fit()"
+    return _model_reason(runtime.model)
 
 
 def _model_reason(model: nn.Module) -> str:
