@@ -43,6 +43,7 @@ NOT_FINGERPRINTED = frozenset(
         "threads",
         "cache_mb",
         "vmap_chunk",
+        "vectorize",
     }
 )
 
@@ -121,6 +122,7 @@ class RunConfig:
     # Local training loop and the vectorised backend (issue 11).
     drop_last: bool = False
     vmap_chunk: int = 0
+    vectorize: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(
@@ -162,6 +164,11 @@ class RunConfig:
             raise ConfigError("one of local_steps or local_epochs must be positive")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.vectorize and self.backend != "ray":
+            raise ConfigError(
+                "vectorize batches the clients of each Ray actor: it needs backend = 'ray' "
+                "(the vmap backend is vectorised already)"
+            )
         if not 0 <= self.label_swap <= 1:
             raise ConfigError(f"label_swap must be in [0, 1], got {self.label_swap}")
         if self.memory not in MEMORIES:

@@ -274,6 +274,8 @@ def test_vmap_settings_are_checked() -> None:
         RunConfig(vmap_chunk=-1)
     with pytest.raises(ConfigError, match="backend"):
         RunConfig(backend="vmapp")
+    with pytest.raises(ConfigError, match=r"vectorize .* needs backend = 'ray'"):
+        RunConfig(backend="vmap", vectorize=True)
 
 
 class _Branchy(torch.nn.Module):

@@ -84,6 +84,8 @@ HELP = {
     "clip_lr": "adaptive clipping's geometric step size",
     "drop_last": "leave out the partial last batch of each pass over a client's data",
     "vmap_chunk": "--backend vmap: clients per batched call (0: sized from a memory budget)",
+    "vectorize": "--backend ray: each actor trains its share of the queued clients as one "
+    "batched computation, as --backend vmap does",
     "clip_count_stddev": "adaptive clipping's noise std on the count of unclipped updates "
     "(0: updates per version / 20)",
 }
