@@ -12,6 +12,12 @@ Usage::
 
     python benchmarks/flower_vs_fedlab.py --json bench.json
     python benchmarks/flower_vs_fedlab.py --clients 200 --rounds 5 --flower-cpus 1
+    python benchmarks/flower_vs_fedlab.py --skip-flower --fedlab-ray-workers 0 \
+        --workload digits --local-epochs 1 --batch-size 10   # sequential vs vmap
+
+Settings are run interleaved, repeat by repeat (``--repeat``, default 3), with the machine's
+load average recorded before each run; the table reports the median and the minimum of the
+steady-state seconds per version (versions after the first, evaluation included).
 
 Memory: ``RSS`` sums the resident set of every process in the tree, counting shared pages
 (torch's libraries, Ray's object store) once per process; ``PSS`` splits shared pages among
@@ -28,6 +34,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,9 +189,20 @@ def _fedlab_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from fedlab.cli import main; sys.exit(main())"]
 
 
-def run_fedlab(args: argparse.Namespace, tmp: Path, workers: int) -> Run:
-    """``fedlab simulate`` in-process (``workers == 0``) or on a Ray pool of ``workers``."""
-    setting = "inprocess" if workers == 0 else f"ray, {workers} workers"
+def _workload_flags(args: argparse.Namespace) -> list[str]:
+    """The workload and local-training flags both systems run with."""
+    flags = ["--workload", args.workload, "--batch-size", str(args.batch_size)]
+    if args.local_epochs > 0:
+        flags += ["--local-epochs", str(args.local_epochs)]
+    if args.lr > 0:
+        flags += ["--lr", str(args.lr)]
+    return flags
+
+
+def run_fedlab(args: argparse.Namespace, tmp: Path, workers: int, backend: str = "") -> Run:
+    """``fedlab simulate`` in-process (``workers == 0``), vectorised (``backend="vmap"``)
+    or on a Ray pool of ``workers``."""
+    setting = backend or ("inprocess" if workers == 0 else f"ray, {workers} workers")
     run = Run("fedlab", setting)
     out = Path(tempfile.mkdtemp(prefix=f"fedlab-{workers}-", dir=tmp))
     cmd = [
@@ -198,11 +216,14 @@ def run_fedlab(args: argparse.Namespace, tmp: Path, workers: int) -> Run:
         str(args.rounds),
         "--seed",
         str(args.seed),
+        *_workload_flags(args),
         "--no-progress",
         "--out",
         str(out),
     ]
-    if workers:
+    if backend:
+        cmd += ["--backend", backend, "--device", args.device]
+    elif workers:
         cmd += ["--backend", "ray", "--workers", str(workers)]
     log = out / "bench.log"
     code, wall, monitor, killed = measure(cmd, log)
@@ -247,14 +268,21 @@ def flower_worker(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from fedlab.callbacks import Evaluator
-    from fedlab.client import minibatches
+    from fedlab.client import batches_per_pass, minibatches
     from fedlab.config import RunConfig
     from fedlab.seeding import TRAIN, torch_generator
     from fedlab.sim import build_workload
 
     # RunConfig's defaults are fedlab's: workload, model, synthetic alpha/beta, lr, steps...
     cfg = RunConfig(
-        clients=args.clients, rounds=args.rounds, seed=args.seed, fraction=args.fraction
+        clients=args.clients,
+        rounds=args.rounds,
+        seed=args.seed,
+        fraction=args.fraction,
+        workload=args.workload,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        **({"lr": args.lr} if args.lr > 0 else {}),
     )
     cpus = float(args.flower_worker)
     times: list[float] = []
@@ -274,8 +302,8 @@ def flower_worker(args: argparse.Namespace) -> int:
         data = workload.client_data(cid)
         n = len(data)
         bs = min(cfg.batch_size, n) if cfg.batch_size > 0 else n
-        steps = (
-            max(1, math.ceil(cfg.local_epochs * n / bs))
+        steps = (  # as fedlab's LocalSGD.plan: one epoch is one pass, partial batch included
+            max(1, math.ceil(cfg.local_epochs * batches_per_pass(n, bs)))
             if cfg.local_epochs > 0
             else cfg.local_steps
         )
@@ -363,6 +391,7 @@ def run_flower(args: argparse.Namespace, tmp: Path, cpus: float) -> Run:
         str(args.seed),
         "--fraction",
         str(args.fraction),
+        *_workload_flags(args),
         "--result",
         str(result),
     ]
@@ -388,13 +417,25 @@ def run_flower(args: argparse.Namespace, tmp: Path, cpus: float) -> Run:
 
 
 def _table(runs: list[Run]) -> str:
-    head = ("system", "setting", "wall s", "s/version", "peak RSS MiB", "peak PSS MiB", "accuracy")
+    head = (
+        "system",
+        "setting",
+        "wall s (min)",
+        "s/version median",
+        "s/version min",
+        "load before",
+        "peak RSS MiB",
+        "peak PSS MiB",
+        "accuracy",
+    )
     rows = [head] + [
         (
             r.system,
             r.setting,
             f"{r.wall_s:.1f}",
-            f"{r.s_per_version:.3f}",
+            f"{r.extra.get('s_per_version_median', r.s_per_version):.3f}",
+            f"{r.extra.get('s_per_version_min', r.s_per_version):.3f}",
+            ",".join(f"{x:.1f}" for x in r.extra.get("load_all", [])),
             f"{r.peak_rss_mib:.0f}",
             f"{r.peak_pss_mib:.0f}",
             f"{r.accuracy:.4f}" if r.ok else "failed",
@@ -432,6 +473,19 @@ def _ratios(runs: list[Run]) -> list[dict[str, Any]]:
     ]
 
 
+def _vmap_ratio(runs: list[Run]) -> dict[str, float]:
+    """Steady-state speed of fedlab's vmap backend over its sequential in-process one."""
+    by = {r.setting: r for r in runs if r.system == "fedlab" and r.ok}
+    seq, vec = by.get("inprocess"), by.get("vmap")
+    if seq is None or vec is None:
+        return {}
+    return {
+        "median_speedup": seq.extra["s_per_version_median"] / vec.extra["s_per_version_median"],
+        "min_speedup": seq.extra["s_per_version_min"] / vec.extra["s_per_version_min"],
+        "accuracy_diff_points": 100 * (vec.accuracy - seq.accuracy),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags; run fedlab, then Flower at each CPU setting; print and save the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -439,6 +493,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20, help="versions (Flower rounds)")
     p.add_argument("--fraction", type=float, default=0.1, help="clients per version")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", default="synthetic", help="synthetic or digits (its CNN)")
+    p.add_argument("--batch-size", type=int, default=32, help="client minibatch size")
+    p.add_argument(
+        "--local-epochs", type=float, default=0.0, help="local epochs (0: fedlab's local steps)"
+    )
+    p.add_argument("--lr", type=float, default=0.0, help="client lr (0: fedlab's default)")
+    p.add_argument(
+        "--fedlab-backends",
+        default="inprocess,vmap",
+        help="fedlab in-process backends to run: inprocess, vmap (comma separated)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device of the vmap backend")
     p.add_argument("--skip-flower", action="store_true")
     p.add_argument(
         "--flower-cpus",
@@ -454,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="runs per setting; the fastest is kept (other jobs on the machine "
-        "only ever slow a run down)",
+        default=3,
+        help="runs per setting, interleaved setting by setting; the median and the minimum "
+        "are reported (other jobs on the machine only ever slow a run down)",
     )
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--flower-worker", metavar="CPUS", help=argparse.SUPPRESS)
@@ -468,29 +534,42 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="fedlab-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        settings: list[tuple[str, float]] = [("fedlab", 0)]
+        settings: list[tuple[str, str]] = [
+            ("fedlab", b.strip()) for b in args.fedlab_backends.split(",") if b.strip()
+        ]
         if args.fedlab_ray_workers > 0:
-            settings.append(("fedlab", args.fedlab_ray_workers))
+            settings.append(("fedlab", f"ray{args.fedlab_ray_workers}"))
         if not args.skip_flower:
-            settings += [("flower", float(c)) for c in args.flower_cpus.split(",") if c.strip()]
-        for system, value in settings:
-            label = f"{system} {value:g}"
-            tries: list[Run] = []
-            for i in range(max(1, args.repeat)):
-                print(f"running {label} ({i + 1}/{max(1, args.repeat)}) ...", flush=True)
+            settings += [("flower", c.strip()) for c in args.flower_cpus.split(",") if c.strip()]
+        repeats = max(1, args.repeat)
+        tries: dict[tuple[str, str], list[Run]] = {s: [] for s in settings}
+        # Interleaved repeat by repeat, so a burst of load on the shared machine hits every
+        # system rather than one.
+        for i in range(repeats):
+            for system, value in settings:
+                label = f"{system} {value}"
+                print(f"running {label} ({i + 1}/{repeats}) ...", flush=True)
                 load = os.getloadavg()[0]
-                run = (
-                    run_fedlab(args, tmp, int(value))
-                    if system == "fedlab"
-                    else run_flower(args, tmp, value)
-                )
+                if system == "flower":
+                    run = run_flower(args, tmp, float(value))
+                elif value.startswith("ray"):
+                    run = run_fedlab(args, tmp, int(value[3:]))
+                else:
+                    run = run_fedlab(args, tmp, 0, "" if value == "inprocess" else value)
                 run.extra["load_before"] = load
                 if not run.ok:
                     print(f"  {label} failed:{run.note}", flush=True)
-                tries.append(run)
-            done = [r for r in tries if r.ok] or tries
+                tries[(system, value)].append(run)
+        for key in settings:
+            done = [r for r in tries[key] if r.ok] or tries[key]
             best = min(done, key=lambda r: r.wall_s)
-            best.extra["wall_all"] = [round(r.wall_s, 2) for r in tries]
+            spv = [r.s_per_version for r in done]
+            best.extra["wall_all"] = [round(r.wall_s, 2) for r in tries[key]]
+            best.extra["s_per_version_all"] = [round(x, 4) for x in spv]
+            best.extra["s_per_version_median"] = statistics.median(spv)
+            best.extra["s_per_version_min"] = min(spv)
+            best.extra["wall_median"] = statistics.median(r.wall_s for r in done)
+            best.extra["load_all"] = [round(r.extra["load_before"], 2) for r in tries[key]]
             runs.append(best)
 
     ratios = _ratios(runs)
@@ -502,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         "workers do"
     )
     print(_table(runs))
+    vmap_ratio = _vmap_ratio(runs)
+    if vmap_ratio:
+        print(
+            f"fedlab vmap vs inprocess, steady-state s/version: "
+            f"{vmap_ratio['median_speedup']:.1f}x faster (medians), "
+            f"{vmap_ratio['min_speedup']:.1f}x (minima), "
+            f"accuracy {vmap_ratio['accuracy_diff_points']:+.2f} points"
+        )
     for r in ratios:
         print(
             f"fedlab {r['fedlab']} vs flower {r['flower']}: wall x{r['wall_ratio']:.2f} "
@@ -512,7 +599,19 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "date": time.strftime("%Y-%m-%d"),
             "config": {
-                k: getattr(args, k) for k in ("clients", "rounds", "fraction", "seed", "repeat")
+                k: getattr(args, k)
+                for k in (
+                    "clients",
+                    "rounds",
+                    "fraction",
+                    "seed",
+                    "repeat",
+                    "workload",
+                    "batch_size",
+                    "local_epochs",
+                    "lr",
+                    "device",
+                )
             },
             "machine": {
                 "cpus": os.cpu_count(),
@@ -521,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "runs": [asdict(r) for r in runs],
             "ratios": ratios,
+            "vmap_vs_inprocess": vmap_ratio,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if all(r.ok for r in runs) else 1

@@ -20,7 +20,13 @@ from torch import nn
 from torch.func import functional_call
 
 from fedlab import privacy, seeding
-from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatches
+from fedlab.client import (
+    ClientAlgorithm,
+    ClientContext,
+    Fit,
+    batches_per_pass,
+    minibatches,
+)
 from fedlab.data import ClientData
 from fedlab.privacy import Forward
 from fedlab.types import Params, State, Task
@@ -41,6 +47,18 @@ def poisson_batches(
     """Index batches for ``steps`` steps, each record in each batch independently w.p. ``q``."""
     for _ in range(steps):
         yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).squeeze(1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One task's local SGD settings for one client, resolved against its data size."""
+
+    lr: float
+    batch_size: int  # effective: at most the client's examples
+    steps: int
+    momentum: float
+    weight_decay: float
+    drop_last: bool
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,8 @@ class LocalSGD(ClientAlgorithm):
         dp_versions: the versions the run plans, for ``target_epsilon``.
         poisson: Poisson sampling (what the accountant assumes); ``False`` uses shuffled
             fixed-size batches, for which the accounted ``ε`` is an approximation.
+        drop_last: leave out the partial last batch of each pass over the data (by default
+            it is trained, so an epoch is exactly one pass, as with PyTorch's ``DataLoader``).
     """
 
     lr: float = 0.05
@@ -122,6 +142,7 @@ class LocalSGD(ClientAlgorithm):
     target_epsilon: float = 0.0
     dp_versions: int = 0
     poisson: bool = True
+    drop_last: bool = False
 
     def fit(
         self,
@@ -145,6 +166,29 @@ class LocalSGD(ClientAlgorithm):
             num_examples=len(data),
             metrics=metrics,
             state=state,
+        )
+
+    def plan(self, task: Task, n: int) -> Plan:
+        """The task's SGD settings for a client with ``n >= 1`` examples.
+
+        With ``local_epochs`` the step count is ``ceil(epochs * batches per pass)``: one
+        epoch is exactly one pass (the partial last batch included unless ``drop_last``).
+        """
+        bs = int(self.setting(task, "batch_size"))
+        epochs = float(self.setting(task, "local_epochs"))
+        drop_last = bool(self.setting(task, "drop_last"))
+        steps = (
+            max(1, math.ceil(epochs * batches_per_pass(n, bs, drop_last)))
+            if epochs > 0
+            else int(self.setting(task, "local_steps"))
+        )
+        return Plan(
+            lr=float(self.setting(task, "lr")),
+            batch_size=min(bs, n) if bs > 0 else n,
+            steps=steps,
+            momentum=float(self.setting(task, "momentum")),
+            weight_decay=float(self.setting(task, "weight_decay")),
+            drop_last=drop_last,
         )
 
     def _sample_dp(self, task: Task, n: int, bs: int, steps: int, state: State) -> _SampleDP:
@@ -199,17 +243,9 @@ class LocalSGD(ClientAlgorithm):
         n = len(data)
         if n == 0:
             return {}, state
-        lr = float(self.setting(task, "lr"))
-        bs = int(self.setting(task, "batch_size"))
-        epochs = float(self.setting(task, "local_epochs"))
-        bs_eff = min(bs, n) if bs > 0 else n
-        steps = (
-            max(1, math.ceil(epochs * n / bs_eff))
-            if epochs > 0
-            else int(self.setting(task, "local_steps"))
-        )
-        momentum = float(self.setting(task, "momentum"))
-        weight_decay = float(self.setting(task, "weight_decay"))
+        plan = self.plan(task, n)
+        lr, bs_eff, steps = plan.lr, plan.batch_size, plan.steps
+        momentum, weight_decay = plan.momentum, plan.weight_decay
         dp = (
             self._sample_dp(task, n, bs_eff, steps, state or {})
             if self.setting(task, "dp")
@@ -219,7 +255,7 @@ class LocalSGD(ClientAlgorithm):
         batches = (
             poisson_batches(n, dp.sample_rate, steps, gen)
             if dp is not None and dp.poisson
-            else minibatches(n, bs_eff, steps, gen)
+            else minibatches(n, bs_eff, steps, gen, drop_last=plan.drop_last)
         )
         noise = seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
         buffers: list[torch.Tensor] = []

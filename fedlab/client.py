@@ -140,18 +140,62 @@ def load_params(slots: dict[str, torch.Tensor], params: Params) -> None:
 
 
 def minibatches(
-    n: int, batch_size: int, steps: int, generator: torch.Generator
+    n: int,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    drop_last: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Index batches for ``steps`` SGD steps, reshuffling after each pass over ``n`` examples."""
+    """Index batches for ``steps`` SGD steps, reshuffling after each pass over ``n`` examples.
+
+    Each pass is one ``randperm`` from ``generator`` cut into batches of ``batch_size`` (0:
+    full batch); the last batch of a pass is partial, as PyTorch's ``DataLoader`` makes it,
+    unless ``drop_last`` leaves it out. So ``batches_per_pass(n, batch_size, drop_last)`` steps
+    are exactly one pass over the data.
+    """
     bs = min(batch_size, n) if batch_size > 0 else n
+    per_pass = batches_per_pass(n, batch_size, drop_last)
     perm = torch.randperm(n, generator=generator)
-    pos = 0
+    i = 0
     for _ in range(steps):
-        if pos + bs > n:
+        if i == per_pass:
             perm = torch.randperm(n, generator=generator)
-            pos = 0
-        yield perm[pos : pos + bs]
-        pos += bs
+            i = 0
+        yield perm[i * bs : (i + 1) * bs]
+        i += 1
+
+
+def minibatch_grid(
+    n: int,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    drop_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`minibatches` as one ``[steps, width]`` index tensor and its boolean mask.
+
+    Row ``s`` holds batch ``s`` (a partial batch padded with index 0, masked out); the same
+    ``randperm`` draws from ``generator`` in the same order, so the batches are identical.
+    """
+    bs = min(batch_size, n) if batch_size > 0 else n
+    per_pass = batches_per_pass(n, batch_size, drop_last)
+    passes = -(-steps // per_pass)
+    slots = per_pass * bs
+    grid = torch.zeros(passes, slots, dtype=torch.long)
+    valid = torch.zeros(passes, slots, dtype=torch.bool)
+    used = min(n, slots)
+    for p in range(passes):
+        grid[p, :used] = torch.randperm(n, generator=generator)[:used]
+        valid[p, :used] = True
+    return grid.view(-1, bs)[:steps], valid.view(-1, bs)[:steps]
+
+
+def batches_per_pass(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over ``n >= 1`` examples (0: one full batch); at least 1."""
+    bs = min(batch_size, n) if batch_size > 0 else n
+    return n // bs if drop_last else -(-n // bs)
 
 
 class ClientRuntime:
@@ -220,12 +264,32 @@ class ClientRuntime:
             model = self.algorithm.setup(self.model, task)
             load_params(self._slots, task.params)
             data = self._data(client_id)
-            ctx = ClientContext(client_id=client_id, seed=self.seed, device=self.device)
+            ctx = self.context(client_id)
             fit = self.algorithm.fit(model, data, task, state.get("client"), ctx)
         except Exception as e:
             # The user's model or data raising deep in a training loop: say which client and
             # version, not only where in torch.
             raise TrainingError.wrap(client_id, task.version, e) from e
+        return self.complete(client_id, task, state, fit)
+
+    def context(self, client_id: ClientId) -> ClientContext:
+        """The :class:`ClientContext` this runtime trains ``client_id`` with."""
+        return ClientContext(client_id=client_id, seed=self.seed, device=self.device)
+
+    def data(self, client_id: ClientId) -> ClientData:
+        """``client_id``'s training data on this runtime's device (cached)."""
+        return self._data(client_id)
+
+    def complete(
+        self, client_id: ClientId, task: Task, state: State | None, fit: Fit
+    ) -> tuple[Update, State]:
+        """The update and new client state of ``fit``, the result of ``client_id``'s ``task``
+        trained from ``state``: the payload goes through the transforms here.
+
+        Batched executors train many clients at once and finish each with this, so the
+        update pipeline is the same for every backend.
+        """
+        state = state or {}
         tctx = TransformContext(
             client_id=client_id, version=task.version, seed=self.seed, config=task.config
         )

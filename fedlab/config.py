@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("inprocess", "ray")
+BACKENDS = ("inprocess", "ray", "vmap", "auto")
 DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
@@ -45,6 +45,8 @@ NOT_FINGERPRINTED = frozenset(
         "cache_mb",
         "log",
         "mlflow_uri",
+        "vmap_chunk",
+        "vectorize",
     }
 )
 
@@ -132,6 +134,10 @@ class RunConfig:
     clip_count_stddev: float = 0.0
     max_update_norm: float = 0.0
     max_num_examples: int = 2**31 - 1
+    # Local training loop and the vectorised backend (issue 11).
+    drop_last: bool = False
+    vmap_chunk: int = 0
+    vectorize: bool = False
 
     def __post_init__(self) -> None:
         # Types first, however the config was made (TOML, flags, or RunConfig(...) in code):
@@ -171,6 +177,7 @@ class RunConfig:
             "over_selection",
             "clip_lr",
             "clip_count_stddev",
+            "vmap_chunk",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm", "clip_norm")
         if not 0 < self.fraction <= 1:
@@ -179,6 +186,11 @@ class RunConfig:
             raise ConfigError("one of local_steps or local_epochs must be positive")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.vectorize and self.backend != "ray":
+            raise ConfigError(
+                "vectorize batches the clients of each Ray actor: it needs backend = 'ray' "
+                "(the vmap backend is vectorised already)"
+            )
         if not 0 <= self.label_swap <= 1:
             raise ConfigError(f"label_swap must be in [0, 1], got {self.label_swap}")
         if self.memory not in MEMORIES:
@@ -255,6 +267,8 @@ class RunConfig:
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
         }
+        if self.drop_last:  # sent only when set: clients default to the partial last batch
+            config["drop_last"] = True
         if self.dp == "sample":
             config.update(
                 dp=True,

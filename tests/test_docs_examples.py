@@ -42,6 +42,7 @@ GUIDES = [
     DOCS / "how-to-use-your-own-model-and-data.md",
     DOCS / "how-to-compress-updates.md",
     DOCS / "how-to-track-experiments.md",
+    DOCS / "how-to-vmap-backend.md",
     DOCS / "explanation-architecture.md",
 ]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -29,7 +29,7 @@ def reference_fedavg(versions: int, **cfg: object) -> dict[str, torch.Tensor]:
             gen = seeding.torch_generator(config.seed, seeding.TRAIN, v, cid)
             perm, pos = torch.randperm(n, generator=gen), 0
             for _ in range(config.local_steps):
-                if pos + bs > n:
+                if pos >= n:  # a pass ends with a partial batch, then reshuffles
                     perm, pos = torch.randperm(n, generator=gen), 0
                 idx = perm[pos : pos + bs]
                 pos += bs

@@ -57,7 +57,9 @@ HELP = {
     "lr": "client learning rate",
     "batch_size": "client minibatch size (0: full batch)",
     "seed": "run seed; every random stream derives from it",
-    "backend": "inprocess (default, no cluster) or ray",
+    "backend": "inprocess (default, no cluster), ray, vmap (all queued clients trained as "
+    "one batched computation; see docs/how-to-vmap-backend.md), or auto (vmap where the "
+    "client half and model are batched, else inprocess; says which)",
     "workers": "Ray actors (each holds one model and serves many clients)",
     "ray_address": "join an existing Ray cluster at this address",
     "cpus_per_worker": "CPUs reserved per Ray actor",
@@ -96,6 +98,10 @@ HELP = {
     "adaptive_clip": "--dp client (central): adapt S to the --clip-quantile of update norms",
     "clip_quantile": "adaptive clipping's target quantile of the update norms",
     "clip_lr": "adaptive clipping's geometric step size",
+    "drop_last": "leave out the partial last batch of each pass over a client's data",
+    "vmap_chunk": "--backend vmap: clients per batched call (0: sized from a memory budget)",
+    "vectorize": "--backend ray: each actor trains its share of the queued clients as one "
+    "batched computation, as --backend vmap does",
     "clip_count_stddev": "adaptive clipping's noise std on the count of unclipped updates "
     "(0: updates per version / 20)",
     "max_update_norm": "refuse an update whose L2 norm exceeds this (0: no bound); bounds one "

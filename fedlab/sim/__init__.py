@@ -1,13 +1,16 @@
 """Simulation: build an engine over a virtual-clock transport from a :class:`RunConfig`.
 
-The backend only decides who computes client updates (this process, or a Ray actor pool);
-timing, sampling and results are the same for every backend and worker count.
+The backend only decides who computes client updates (this process one client after another,
+this process all queued clients at once with ``vmap``, or a Ray actor pool); timing and
+sampling are the same for every backend and worker count, and so are results (to
+floating-point rounding for ``vmap``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -242,6 +245,17 @@ def build_executor(config: RunConfig, workload: Workload) -> Executor:
         from fedlab.sim.ray import RayExecutor
 
         return RayExecutor(config)
+    if config.backend in ("vmap", "auto"):
+        from fedlab.sim.vmap import VmapExecutor, why_not_batched
+
+        runtime = build_runtime(config, workload)
+        if config.backend == "auto":
+            reason = why_not_batched(runtime)
+            picked = f"inprocess ({reason})" if reason else "vmap"
+            logging.getLogger("fedlab.sim").warning("fedlab: --backend auto picked %s", picked)
+            if reason:
+                return InProcessExecutor(runtime)
+        return VmapExecutor(runtime, chunk=config.vmap_chunk)
     return InProcessExecutor(build_runtime(config, workload))
 
 

@@ -55,15 +55,15 @@ class _Worker:
 
         for group, name, obj in registered:
             registry.register(group, name, obj)
-        self.runtime = build_runtime(from_mapping(json.loads(config_json)))
+        self.config = from_mapping(json.loads(config_json))
+        self.runtime = build_runtime(self.config)
         self._params: OrderedDict[int, Params] = OrderedDict()
 
-    def run(self, token: int, params_ref: list[Any], job: bytes) -> bytes:
-        """Train the client that ``job`` names; return its update and state as tensorio bytes.
+    def _version(self, token: int, params_ref: list[Any]) -> Params:
+        """The params of ``token``, fetched from the object store once and then cached.
 
         ``params_ref`` is a one-element list so that Ray hands over the reference instead of
-        fetching and copying the object for every call; it is fetched only when ``token``
-        (the driver's id of that params version) is not cached here.
+        fetching and copying the object for every call.
         """
         params = self._params.get(token)
         if params is None:
@@ -73,19 +73,39 @@ class _Worker:
                 self._params.popitem(last=False)
         else:
             self._params.move_to_end(token)
+        return params
+
+    def run(self, token: int, params_ref: list[Any], job: bytes) -> bytes:
+        """Train the client that ``job`` names; return its update and state as tensorio bytes."""
         spec = tensorio.loads(job)
-        task = Task(version=spec["version"], params=params, config=spec["config"])
+        task = Task(spec["version"], self._version(token, params_ref), spec["config"])
         update, state = self.runtime.run(spec["client_id"], task, spec["state"])
-        return tensorio.dumps(
-            {
-                "client_id": update.client_id,
-                "version": update.version,
-                "payload": dict(update.payload),
-                "num_examples": update.num_examples,
-                "metrics": dict(update.metrics),
-                "state": state,
-            }
-        )
+        return tensorio.dumps(_result(update, state))
+
+    def run_many(self, tokens: list[int], params_refs: list[list[Any]], jobs: list[bytes]) -> bytes:
+        """Train every job at once with the vmap backend's batched loop (``--vectorize``);
+        return their updates and states, in order, as one tensorio blob."""
+        from fedlab.sim.vmap import VmapExecutor
+
+        executor = VmapExecutor(self.runtime, chunk=self.config.vmap_chunk)
+        specs = [tensorio.loads(job) for job in jobs]
+        for token, ref, spec in zip(tokens, params_refs, specs, strict=True):
+            task = Task(spec["version"], self._version(token, ref), spec["config"])
+            executor.submit(Job(spec["client_id"], task, spec["state"]))
+        results = [_result(*executor.result(spec["client_id"])) for spec in specs]
+        return tensorio.dumps({"results": results})
+
+
+def _result(update: Update, state: State) -> dict[str, Any]:
+    """One job's result as a tensorio tree."""
+    return {
+        "client_id": update.client_id,
+        "version": update.version,
+        "payload": dict(update.payload),
+        "num_examples": update.num_examples,
+        "metrics": dict(update.metrics),
+        "state": state,
+    }
 
 
 @dataclass
@@ -105,6 +125,7 @@ class _Pending:
     ref: Any
     actor: int
     key: tuple[int, int]
+    index: int = -1  # position in a batched call's results (``--vectorize``); -1: one job
 
 
 class RayExecutor:
@@ -127,6 +148,11 @@ class RayExecutor:
         self._pending: dict[ClientId, _Pending] = {}
         self._params: dict[tuple[int, int], _CachedParams] = {}
         self._tokens = 0
+        # --vectorize: jobs wait here until a result is asked for, then go out as one batched
+        # call per actor; the decoded results of a call are kept until all are collected.
+        self._waiting: dict[ClientId, tuple[tuple[int, int], _CachedParams, bytes]] = {}
+        self._batches: dict[Any, tuple[list[dict[str, Any]], int]] = {}
+        self.batched_calls = 0  # run_many calls sent (``--vectorize``)
         if not ray.is_initialized():
             self._init_ray(config)
         try:
@@ -174,7 +200,7 @@ class RayExecutor:
     def submit(self, job: Job) -> None:
         """Send ``job`` to the least busy actor now; its params go to the object store once."""
         cid = job.client_id
-        if cid in self._pending:
+        if cid in self._pending or cid in self._waiting:
             raise RuntimeError(f"client {cid} already has a job")
         params = job.task.params
         key = (job.task.version, id(params))
@@ -188,10 +214,30 @@ class RayExecutor:
             {"client_id": cid, "version": job.task.version, "config": dict(job.task.config),
              "state": job.state}
         )  # fmt: skip
+        if self.config.vectorize:
+            self._waiting[cid] = (key, cached, spec)
+            return
         actor = self._least_busy()
         ref = self._actors[actor].run.remote(cached.token, [cached.ref], spec)
         self._running[actor].append(ref)
         self._pending[cid] = _Pending(ref, actor, key)
+
+    def _dispatch_waiting(self) -> None:
+        """Send every waiting job out: one batched call per actor, contiguous equal shares."""
+        waiting = list(self._waiting.items())
+        self._waiting.clear()
+        share = math.ceil(len(waiting) / len(self._actors))
+        for actor, start in enumerate(range(0, len(waiting), share)):
+            part = waiting[start : start + share]
+            ref = self._actors[actor].run_many.remote(
+                [cached.token for _, (_, cached, _) in part],
+                [[cached.ref] for _, (_, cached, _) in part],
+                [spec for _, (_, _, spec) in part],
+            )
+            self._running[actor].append(ref)
+            self.batched_calls += 1
+            for index, (cid, (key, _, _)) in enumerate(part):
+                self._pending[cid] = _Pending(ref, actor, key, index)
 
     def _least_busy(self) -> int:
         busy = [r for refs in self._running for r in refs]
@@ -209,11 +255,13 @@ class RayExecutor:
             RuntimeError: the job failed in its actor (or the actor died); the message names
                 the client and carries the remote error.
         """
+        if client_id in self._waiting:
+            self._dispatch_waiting()
         pending = self._pending.pop(client_id, None)
         if pending is None:
             raise RuntimeError(f"client {client_id} has no job")
         try:
-            data = ray.get(pending.ref)
+            data = ray.get(pending.ref) if pending.index < 0 else self._batched(pending)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(e.cause, BaseException) else None
             if isinstance(cause, TrainingError):
@@ -228,12 +276,26 @@ class RayExecutor:
             raise RuntimeError(f"client {client_id}: Ray worker {pending.actor} failed: {e}") from e
         finally:
             self._release(pending)
-        out = tensorio.loads(data)
+        out = tensorio.loads(data) if isinstance(data, bytes) else data
         update = Update(
             client_id=out["client_id"], version=out["version"], payload=out["payload"],
             num_examples=out["num_examples"], metrics=out["metrics"],
         )  # fmt: skip
         return update, out["state"]
+
+    def _batched(self, pending: _Pending) -> dict[str, Any]:
+        """This job's result from its batched call, decoded once for all of the call's jobs."""
+        got = self._batches.get(pending.ref)
+        if got is None:
+            results = tensorio.loads(ray.get(pending.ref))["results"]
+            got = (results, len(results))
+        results, left = got
+        if left > 1:
+            self._batches[pending.ref] = (results, left - 1)
+        else:
+            self._batches.pop(pending.ref, None)
+        out: dict[str, Any] = results[pending.index]
+        return out
 
     def _release(self, pending: _Pending) -> None:
         refs = self._running[pending.actor]
@@ -255,6 +317,8 @@ class RayExecutor:
         self._running = []
         self._pending.clear()
         self._params.clear()
+        self._waiting.clear()
+        self._batches.clear()
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
