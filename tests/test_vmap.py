@@ -3,9 +3,11 @@ run by run (FedAvg and FedBuff, synthetic and digits, resumed in the middle).
 
 Tolerance. Batched kernels (a ``vmap``-ed matmul or convolution, a masked sum in place of a
 mean) add in another order than the sequential ones, so results agree to rounding, not bit for
-bit: one task's delta to ``rtol=1e-5, atol=1e-6``, and a run's params after 20 versions (where
-each version's rounding feeds the next) to ``rtol=1e-5, atol=1e-5``. Measured: at most 1.2e-7
-apart after 20 versions on these runs, so the bounds leave two orders of magnitude of slack.
+bit: one task's delta, and one version of the digits CNN started from the same checkpoint, to
+``rtol=1e-5, atol=1e-6``; a run's params after 20 versions on the synthetic (logistic) workload,
+where each version's rounding feeds the next, to ``rtol=1e-5, atol=1e-5``. Measured: at most
+1.2e-7 apart after 20 versions on these runs, so the bounds leave two orders of magnitude of
+slack. A CNN is compared version by version: see the test that does it for why.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ def _resumed(config: RunConfig, run_dir: Path, stop: int, end: int) -> dict[str,
     [
         ("synthetic", "fedavg"),
         ("synthetic", "fedbuff"),
-        ("digits", "fedavg"),
-        ("digits", "fedbuff"),
     ],
 )
 def test_vmap_backend_equals_sequential_after_20_versions_with_resume(
@@ -138,6 +138,50 @@ def test_vmap_backend_equals_sequential_after_20_versions_with_resume(
     batched = _resumed(config.replace(backend="vmap", vmap_chunk=4), tmp_path, 10, 20)
     _close(batched["params"], sequential["params"], **RUN_TOL)
     assert batched["now"] == sequential["now"]  # the virtual clock is the backend's business
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbuff"])
+def test_vmap_backend_equals_sequential_version_by_version_on_the_digits_cnn(
+    strategy: str, tmp_path: Path
+) -> None:
+    """Each of 20 versions of the CNN, resumed by the vmap backend from the sequential run's
+    checkpoint, lands where the sequential version does.
+
+    A run-level comparison after 20 versions does not hold for a ReLU/max-pool CNN: a rounding
+    difference of 1e-8 eventually flips one activation or pooling decision, a discrete event
+    that later versions amplify (measured on this run: 3e-8 apart through version 7, 1.4e-6
+    after a flip at version 8, 1e-3 by version 19). Starting every version from the same
+    checkpoint keeps the comparison to what the backend controls: one version's training and
+    aggregation, including the tasks a FedBuff version carries over.
+    """
+    import shutil
+
+    extra: dict[str, Any] = {"buffer": 3, "concurrency": 6} if strategy == "fedbuff" else {}
+    config = small_config(
+        workload="digits",
+        strategy=strategy,
+        clients=24,
+        fraction=0.25,
+        local_epochs=1.0,
+        batch_size=10,
+        lr=0.05,
+        **extra,
+    )
+    sequential = build_engine(config, run_dir=tmp_path / "sequential")
+    sequential.save_checkpoint()
+    batched_config = config.replace(backend="vmap", vmap_chunk=4)
+    for version in range(20):
+        start = tmp_path / f"from-{version}"
+        shutil.copytree(tmp_path / "sequential", start)
+        sequential.run(version + 1)
+        batched = build_engine(batched_config, run_dir=start)
+        batched.resume()
+        assert batched.version == version
+        batched.run(version + 1)
+        batched.transport.close()
+        _close(dict(batched.params), dict(sequential.params), **TASK_TOL)
+        shutil.rmtree(start)
+    sequential.transport.close()
 
 
 def test_any_chunk_size_gives_the_same_run_and_runs_repeat_exactly() -> None:
