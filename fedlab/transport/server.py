@@ -274,6 +274,11 @@ class GrpcTransport:
         """The reasons of the last 1000 refused calls."""
         return self._gate.refusals.reasons
 
+    @property
+    def refusals(self) -> int:
+        """How many calls were refused or cut so far."""
+        return self._gate.refusals.total
+
     def _saw(self, client_id: ClientId) -> None:
         with self._cond:
             self._seen[client_id] = time.monotonic()
