@@ -452,7 +452,9 @@ def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
     assert engine.counters.failed >= 1 and engine.counters.received >= 4
     t.close()
     for th in threads:
-        th.join(PATIENCE)
+        # Not asserted: with a 1 s stall timeout a starved machine may cut a client, which
+        # then retries until it gives up instead of hearing that the run is over.
+        th.join(10)
 
 
 def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
