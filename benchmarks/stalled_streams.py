@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -97,8 +98,14 @@ def honest_main(args: argparse.Namespace) -> int:
         t.start()
     for t in threads:
         t.join()
+    report["cpu_s"] = round(_cpu_seconds(), 2)  # type: ignore[assignment]
     print(json.dumps(dict(report)))
     return 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def attack_main(args: argparse.Namespace) -> int:
@@ -150,7 +157,7 @@ def attack_main(args: argparse.Namespace) -> int:
     for t in threads:
         t.join(10)
     channel.close()
-    print(json.dumps(dict(ended)), flush=True)
+    print(json.dumps({**ended, "cpu_s": round(_cpu_seconds(), 2)}), flush=True)
     return 0
 
 
@@ -191,19 +198,22 @@ def measure(attacker: str, args: argparse.Namespace, certs: Path) -> dict[str, A
         # Clients that cannot join (every server thread taken) make the window's progress 0.
         joined = t.wait_for_clients(n, timeout=max(60.0, args.seconds))
         load_before = os.getloadavg()[0]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while time.perf_counter() - start < args.seconds:
             engine.step()
         wall = time.perf_counter() - start
+        server_cpu = time.process_time() - cpu
         load_after = os.getloadavg()[0]
         versions = engine.version
         t.close()
         out, _ = honest.communicate(timeout=120)
         clients = json.loads(out.strip().splitlines()[-1])
-        ended: dict[str, int] = {}
+        ended: dict[str, Any] = {}
+        attacker_cpu = 0.0
         if attack is not None:
             out, _ = attack.communicate("", timeout=120)
             ended = json.loads(out.strip().splitlines()[-1])
+        attacker_cpu = ended.pop("cpu_s", 0.0)
     finally:
         t.close()
         for p in (honest, attack):
@@ -224,6 +234,10 @@ def measure(attacker: str, args: argparse.Namespace, certs: Path) -> dict[str, A
         "stalls_ended": sum(ended.values()),
         "end_codes": ",".join(f"{k}:{v}" for k, v in sorted(ended.items())) or "-",
         "client_errors": sum(v for k, v in clients.items() if k.startswith("error")),
+        # Where the 2 cores went: the server in the window, each client process in all.
+        "server_cpu_s": round(server_cpu, 1),
+        "honest_cpu_s": clients.get("cpu_s", 0.0),
+        "attacker_cpu_s": attacker_cpu,
         "load_1min": f"{load_before:.1f}-{load_after:.1f}",
     }
 
