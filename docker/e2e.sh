@@ -81,7 +81,8 @@ if ! docker info >/dev/null 2>&1; then
     driver="${DOCKER_STORAGE:-$(storage_driver)}"
     echo "starting dockerd --storage-driver=$driver"
     nohup dockerd --storage-driver="$driver" >/var/log/fedlab-e2e-dockerd.log 2>&1 &
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    # dockerd takes seconds alone, minutes on a loaded machine: poll, bounded.
+    for _ in $(seq 180); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || unavailable "dockerd did not start (see /var/log/fedlab-e2e-dockerd.log)"
 fi
 
@@ -132,7 +133,7 @@ fi
 step "clients"
 for c in client-0 client-1 client-2; do
     id="$("${compose[@]}" ps -q "$c")"
-    code="$(timeout 120 docker wait "$id")" || { echo "$c did not exit" >&2; exit 1; }
+    code="$(timeout 300 docker wait "$id")" || { echo "$c did not exit" >&2; exit 1; }
     echo "$c exited with $code"
     [[ $code == 0 ]] || exit 1
 done

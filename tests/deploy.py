@@ -1,4 +1,11 @@
-"""Helpers for the deployment tests: `fedlab` subprocesses on loopback, read line by line."""
+"""Helpers for the deployment tests: `fedlab` subprocesses on loopback, read line by line.
+
+Every wait is on a sign of readiness (a printed line, a file, an exit) with a deadline meant
+to hold on a loaded machine: a process that starts in 2 s alone may take a minute beside a
+full test suite, so deadlines are minutes, and a test that passes never waits for them.
+Every process started here is killed by :func:`kill_all` (the deployment tests call it after
+each test), so a failed test leaves nothing running.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+READY = 180.0
+"""Seconds to wait for a process to be ready (print a line, write a file) or to exit."""
+
+_started: list[Proc] = []
 
 
 class Proc:
@@ -30,6 +42,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        _started.append(self)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -40,7 +53,7 @@ class Proc:
             self._queue.put(line)
         self._queue.put(None)
 
-    def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+    def expect(self, pattern: str, timeout: float = READY) -> re.Match[str]:
         """The first new output line matching ``pattern``; fails after ``timeout`` s."""
         end = time.monotonic() + timeout
         while True:
@@ -66,7 +79,11 @@ class Proc:
                 self.lines.append(line)
         return "".join(self.lines)
 
-    def wait(self, timeout: float = 30.0) -> int:
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = READY) -> int:
         """The exit status; kills the process and fails if it does not exit in time."""
         try:
             return self.popen.wait(timeout)
@@ -80,10 +97,35 @@ class Proc:
             self.popen.wait()
 
 
+def kill_all() -> None:
+    """Kill every process these helpers started that is still running."""
+    while _started:
+        _started.pop().kill()
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, *, watch: Proc | None = None, timeout: float = READY
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` s, or as soon as ``watch``
+    exits (with its output), whichever comes first."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if watch is not None and not watch.alive():
+            raise AssertionError(f"exited before {what}:\n{watch.output}")
+        if time.monotonic() > end:
+            output = f":\n{watch.output}" if watch is not None else ""
+            raise AssertionError(f"not within {timeout:g} s: {what}{output}")
+        time.sleep(0.05)
+
+
 def start_server(args: Sequence[str], *, cwd: Path, port: int = 0) -> tuple[Proc, int]:
     """Start ``fedlab server`` on loopback; return it and the port it listens on."""
     server = Proc(["server", "--address", f"127.0.0.1:{port}", "--no-progress", *args], cwd=cwd)
-    m = server.expect(r"listening on 127\.0\.0\.1:(\d+)")
+    try:
+        m = server.expect(r"listening on 127\.0\.0\.1:(\d+)")
+    except AssertionError:
+        server.kill()
+        raise
     return server, int(m.group(1))
 
 

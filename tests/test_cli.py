@@ -161,8 +161,12 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(strategy: str, tmp_path: P
         "1000",
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # Deadlines for a loaded machine; a run here takes seconds alone.
     subprocess.run(
-        _fedlab("simulate", *common, "--out", str(straight)), check=True, capture_output=True
+        _fedlab("simulate", *common, "--out", str(straight)),
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     proc = subprocess.Popen(
         _fedlab("simulate", *common, "--out", str(killed)),
@@ -170,20 +174,24 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(strategy: str, tmp_path: P
         stderr=subprocess.DEVNULL,
     )
     metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     done = len(metrics.read_text().splitlines())
     assert done < 30
     subprocess.run(
         _fedlab("simulate", "--resume", str(killed), "--no-progress"),
         check=True,
         capture_output=True,
+        timeout=600,
     )
     assert_params_equal(tensorio.load(killed / "model.fl"), tensorio.load(straight / "model.fl"))
     versions = [json.loads(x)["version"] for x in metrics.read_text().splitlines()]

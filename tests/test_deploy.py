@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from deploy import Proc, start_clients, start_server
+from deploy import READY, Proc, kill_all, start_clients, start_server, wait_until
 
 from fedlab.cli import main
 from fedlab.transport.security import make_certs
 
 RUN = ["--clients", "3", "--fraction", "1", "--min-clients", "3", "--local-steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    yield
+    kill_all()  # after a failure too
 
 
 @pytest.fixture
@@ -24,9 +31,9 @@ def certs(tmp_path: Path) -> Path:
 
 
 def _finish(server: Proc, clients: list[Proc]) -> None:
-    assert server.wait(90) == 0, server.output
+    assert server.wait(2 * READY) == 0, server.output
     for c in clients:
-        assert c.wait(30) == 0, c.output
+        assert c.wait() == 0, c.output
         assert "the run is finished" in c.output
 
 
@@ -54,10 +61,8 @@ def test_mutual_tls_run_completes(tmp_path: Path, certs: Path) -> None:
     assert [r["version"] for r in _rows(run_dir)] == [1, 2, 3]
 
 
-def _wait_rows(run_dir: Path, n: int, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while len(_rows(run_dir)) < n and time.monotonic() < end:
-        time.sleep(0.02)
+def _wait_rows(run_dir: Path, n: int, server: Proc) -> None:
+    wait_until(lambda: len(_rows(run_dir)) >= n, f"{n} versions written", watch=server)
 
 
 @pytest.mark.slow
@@ -74,7 +79,7 @@ def test_chaos_clients_and_server_killed_mid_run_every_version_completes(
     )
     client_args = ["--certs", str(certs), "--state-dir", str(tmp_path / "state")]
     clients = start_clients(range(3), port, client_args, cwd=tmp_path)
-    _wait_rows(run_dir, 2)
+    _wait_rows(run_dir, 2, server)
     # The moment a version is written the next one has begun: with --fraction 1 every client,
     # the victims included, holds a task of it that the server is waiting for.
     victims = range(math.ceil(0.3 * len(clients)))
@@ -83,7 +88,7 @@ def test_chaos_clients_and_server_killed_mid_run_every_version_completes(
     killed_at = len(_rows(run_dir))
     for i in victims:
         clients[i] = start_clients([i], port, client_args, cwd=tmp_path)[0]
-    _wait_rows(run_dir, killed_at + 3)
+    _wait_rows(run_dir, killed_at + 3, server)
     server.kill()  # SIGKILL: no chance to clean up
     done = len(_rows(run_dir))
     assert killed_at + 3 <= done < rounds, server.output

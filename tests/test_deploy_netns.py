@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy import Proc
+from deploy import READY, Proc
 from namespaces import Hosts, hosts, unavailable
 
 from fedlab.transport.security import make_certs
@@ -81,9 +81,9 @@ def test_mutual_tls_run_across_namespaces(net: Hosts, tmp_path: Path) -> None:
             )
             for i in range(CLIENTS)
         ]
-        assert server.wait(120) == 0, server.output
+        assert server.wait(2 * READY) == 0, server.output
         for c in clients:
-            assert c.wait(30) == 0, c.output
+            assert c.wait() == 0, c.output
             assert "the run is finished" in c.output
     finally:
         for p in (server, *clients):

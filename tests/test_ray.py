@@ -70,6 +70,11 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # Ray workers import it through their PYTHONPATH (the conftest adds tests/ there).
     sys.path.insert(0, str(mod_dir))
     pythonpath = os.pathsep.join([str(mod_dir), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # Ray's own start-up deadlines (a minute or less) are too short on a loaded machine; its
+    # processes read these from the environment.
+    slow = {"RAY_worker_register_timeout_seconds": "300", "RAY_raylet_start_wait_time_s": "300"}
+    saved = {k: os.environ.get(k) for k in slow}
+    os.environ.update({k: os.environ.get(k) or v for k, v in slow.items()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notice about a future default
         ray.init(
@@ -81,6 +86,11 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     finally:
         ray.shutdown()
         sys.path.remove(str(mod_dir))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _config(**changes: Any) -> RunConfig:

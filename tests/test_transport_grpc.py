@@ -32,6 +32,9 @@ from fedlab.transport.server import GrpcTransport
 from fedlab.types import Task, Update
 
 PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+# Deadlines for waits on other threads: generous on a loaded machine, never reached when the
+# code works (no test asserts on speed).
+PATIENCE = 120.0
 
 
 def _assemble(params: dict[str, torch.Tensor], bufs: list[bytes]) -> dict[str, torch.Tensor]:
@@ -190,10 +193,10 @@ def test_security_matrix(mode: str, certs: Path, other_ca: Path) -> None:
         for what, cid, kw in bad:
             conn = connect(t, cid, **kw)
             for call in (
-                lambda c=conn: c.join(timeout=5),
+                lambda c=conn: c.join(timeout=PATIENCE),
                 lambda c=conn: c.pull(0.0),
-                lambda c=conn: c.heartbeat(timeout=5),
-                lambda c=conn, i=cid: c.push(Update(i, 0, PARAMS, 1), "x" * 32, timeout=5),
+                lambda c=conn: c.heartbeat(timeout=PATIENCE),
+                lambda c=conn, i=cid: c.push(Update(i, 0, PARAMS, 1), "x" * 32, timeout=PATIENCE),
             ):
                 code = refused(call)
                 assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE), (
@@ -216,7 +219,9 @@ def test_security_matrix(mode: str, certs: Path, other_ca: Path) -> None:
 
 
 def _push_raw(conn: Connection, chunks: list[pb.UpdateChunk]) -> pb.PushReply:
-    reply: pb.PushReply = conn.stub.PushUpdate(iter(chunks), timeout=10, metadata=conn.metadata)
+    reply: pb.PushReply = conn.stub.PushUpdate(
+        iter(chunks), timeout=PATIENCE, metadata=conn.metadata
+    )
     return reply
 
 
@@ -327,7 +332,7 @@ def test_fuzzed_uploads_are_refused_without_effect(data: list[bytes]) -> None:
         response_deserializer=lambda b: b,
     )
     with pytest.raises(grpc.RpcError) as info:
-        call(iter(data), timeout=10)
+        call(iter(data), timeout=PATIENCE)
     assert info.value.code() in (  # type: ignore[attr-defined]
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.PERMISSION_DENIED,
@@ -427,7 +432,7 @@ def test_async_strategy_runs_on_the_wall_clock(options: dict[str, Any]) -> None:
     engine.run(4)
     t.close()
     for th in threads:
-        th.join(10)
+        th.join(PATIENCE)
         assert not th.is_alive()
     assert engine.version == 4 and engine.counters.rejected == 0
     assert 0 < engine.transport.now() <= time.monotonic() - start + 1e-3
@@ -448,13 +453,16 @@ def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
 
     killer = threading.Thread(target=pull_then_die, daemon=True)
     killer.start()
-    start = time.monotonic()
-    engine.run(2)
+    runner = threading.Thread(target=engine.run, args=(2,), daemon=True)
+    runner.start()
+    runner.join(2 * PATIENCE)  # without the stall timeout it would wait forever
+    assert not runner.is_alive(), "the dead client blocked the run"
     assert engine.version == 2
     assert engine.counters.failed >= 1 and engine.counters.received >= 4
-    assert time.monotonic() - start < 15
     t.close()
     for th in threads:
+        # Not asserted: with a 1 s stall timeout a starved machine may cut a client, which
+        # then retries until it gives up instead of hearing that the run is over.
         th.join(10)
 
 
@@ -484,21 +492,20 @@ def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
 
 
 def test_finished_run_is_told_to_clients() -> None:
-    t = serve(Policy(num_clients=2), linger=10.0)
+    t = serve(Policy(num_clients=2), linger=10 * PATIENCE)
     polling, training = connect(t, 0), connect(t, 1)
     polling.join()
     training.join()
     assert polling.pull(0.1) is None
     assert training.heartbeat() is False
-    start = time.monotonic()
-    closer = threading.Thread(target=t.close)
+    closer = threading.Thread(target=t.close, daemon=True)
     closer.start()
     assert polling.pull(5.0) == FINISHED
     time.sleep(0.2)
     assert closer.is_alive(), "the server must wait for the client still training"
     assert training.heartbeat() is True  # it stops after its task and pushes nothing
-    closer.join()
-    assert time.monotonic() - start < 5, "the server lingered although everyone was told"
+    closer.join(PATIENCE)  # far less than the linger
+    assert not closer.is_alive(), "the server lingered although everyone was told"
     assert t._told == {0, 1}
 
 
@@ -519,15 +526,28 @@ def test_uploads_beyond_the_limit_wait_their_turn() -> None:
             threading.Thread(target=c.push, args=(Update(i, 0, PARAMS, 1), tasks[i]))
             for i, c in enumerate(conns)
         ]
+        mark = time.monotonic()
         for th in threads:
             th.start()
+
+        def others_waited() -> bool:
+            # A push waiting for its turn renews its task once a second: both others have
+            # waited a full second while the first update held the only slot.
+            with t._cond:
+                done = {e.client_id for e in t._events if isinstance(e, Update)}
+                waiting = [a for c, a in t._tasks.items() if c not in done]
+                return len(done) >= 1 and len(waiting) == 2 and all(a.alive > mark for a in waiting)
+
+        end = time.monotonic() + PATIENCE
+        while not others_waited():
+            assert time.monotonic() < end, "the uploads did not reach the server"
+            time.sleep(0.02)
         # An update the engine has not taken yet keeps its slot: never two waiting at once.
-        time.sleep(1.0)
         assert sum(isinstance(e, Update) for e in list(t._events)) == 1
         got_ids = sorted(e.client_id for e in iter(lambda: t.next_update(2.0), None))
         assert got_ids == [0, 1, 2]
         for th in threads:
-            th.join(20)
+            th.join(PATIENCE)
             assert not th.is_alive()
     finally:
         t.close()
@@ -631,14 +651,14 @@ def test_an_answer_the_server_lost_is_resent_not_retrained() -> None:
     params = {"w": torch.zeros(2)}
     t.submit(0, Task(3, params))
     task_id = t.state_dict()["tasks"][0]["task_id"]
-    first = t.next_update(10.0)
+    first = t.next_update(PATIENCE)
     assert isinstance(first, Update)
     # The server restarts from a checkpoint taken before that answer arrived.
     t.load_state_dict({"now": t.now(), "tasks": {0: {"version": 3, "task_id": task_id}}})
     t.submit(0, Task(3, params))
-    second = t.next_update(10.0)
+    second = t.next_update(PATIENCE)
     assert isinstance(second, Update) and torch.equal(second.payload["w"], first.payload["w"])
     assert runtime.runs == [3], "the client trained the same task twice"
     t.close()
-    client.join(10)
+    client.join(PATIENCE)
     assert not client.is_alive()

@@ -85,7 +85,9 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="a task whose client shows no sign of life this long fails (default: 30)",
+        help="a task whose client shows no sign of life this long fails, and a call that "
+        "waits this long for the client's next message (or for it to take the next one) is "
+        "cut (default: 30)",
     )
     p.add_argument(
         "--max-update-mb",

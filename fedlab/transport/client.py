@@ -27,8 +27,8 @@ from fedlab.client import ClientRuntime
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
+from fedlab.transport.guard import call_metadata
 from fedlab.transport.security import (
-    TOKEN_HEADER,
     SecurityError,
     check_run_id,
     explain_connection_failure,
@@ -81,7 +81,7 @@ class Connection:
         address: the server's ``HOST:PORT``.
         client_id: this client's id.
         credentials: gRPC channel credentials, or ``None`` for plaintext.
-        token: sent with every call when given.
+        token: sent with every call, in its metadata beside the client id, when given.
         server_name: the name to expect in the server's certificate (default: the host).
         client_cert: the certificate file ``credentials`` present, if any (for messages).
     """
@@ -119,7 +119,8 @@ class Connection:
                 f"{service}/PushUpdate", response_deserializer=pb.PushReply.FromString
             )
         )
-        self.metadata = ((TOKEN_HEADER, token),) if token else ()
+        # Sent with every call: the server admits a call from these before reading it.
+        self.metadata = call_metadata(client_id, token)
 
     def close(self) -> None:
         """Close the channel."""

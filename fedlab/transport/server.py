@@ -32,7 +32,8 @@ import torch
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.transport import Failure
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
-from fedlab.transport.security import TOKEN_HEADER, Policy, check_run_id
+from fedlab.transport.guard import Gate
+from fedlab.transport.security import Policy, check_run_id
 from fedlab.types import ClientId, Params, State, Task, Update
 
 MAX_WAIT = 30.0
@@ -85,7 +86,10 @@ class GrpcTransport:
             :func:`~fedlab.transport.security.check_run_id`.
         config_toml: the run configuration, told to joining clients.
         heartbeat: seconds between a training client's heartbeats.
-        stall_timeout: seconds without a sign of life after which a task fails.
+        stall_timeout: seconds without a sign of life after which a task fails; also the
+            longest a call may keep a server thread waiting for its next request message
+            (the first included) or for the peer to take a response message, after which
+            the call is cut (see :mod:`fedlab.transport.guard`).
         max_update_bytes: the largest update accepted (0: four times the task's params plus
             1 MiB).
         linger: seconds :meth:`close` waits for joined clients to hear the run is over.
@@ -97,7 +101,8 @@ class GrpcTransport:
             updates a synchronous version holds until it aggregates live in the page cache,
             not in the server's memory (``None``: always in RAM).
         spool_bytes: the update size above which ``spool`` is used.
-        log: where refusals are reported (``None``: nowhere).
+        log: where refusals are reported, at most one line per 5 s with a count of those
+            not shown (``None``: nowhere).
     """
 
     def __init__(
@@ -137,7 +142,6 @@ class GrpcTransport:
                 leftover.unlink(missing_ok=True)
         self._closed = False
         self.log = log
-        self.refused: collections.deque[str] = collections.deque(maxlen=1000)
         self.joined: set[ClientId] = set()
         self._cond = threading.Condition()
         self._tasks: dict[ClientId, _Assignment] = {}
@@ -150,10 +154,12 @@ class GrpcTransport:
         self._offset = 0.0
         self._encoded: _Encoded | None = None
         self._encoding = threading.Lock()
-        # Every waiting long-poll holds a worker thread: size the pool for the population.
-        workers = min(num_clients, 1024) + 16
+        self._gate = Gate(policy, stall_timeout=stall_timeout, log=log, on_admit=self._saw)
+        # Every call holds a worker thread while it waits (long-polls, reads, sends): the pool
+        # has room for every client at the gate's per-client limit, so none can starve another.
+        workers = Gate.threads(num_clients)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
-        self._server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
+        self._server.add_generic_rpc_handlers((_handlers(_Servicer(self, self._gate)),))
         if credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
@@ -253,6 +259,7 @@ class GrpcTransport:
             self._cond.notify_all()
             self._cond.wait_for(self._everyone_told, self.linger)
         self._server.stop(grace=1.0).wait()
+        self._gate.close()
         self._encoded = None
 
     def _everyone_told(self) -> bool:
@@ -263,29 +270,26 @@ class GrpcTransport:
 
     # ------------------------------------------------------------------ the clients' side
 
-    def admit(self, context: grpc.ServicerContext, client_id: int) -> None:
-        """Abort the call unless ``client_id`` is admitted on this connection."""
-        names: bytes | list[bytes] = context.auth_context().get("x509_common_name") or []
-        first = names[0] if isinstance(names, list) and names else None
-        common = first.decode(errors="replace") if isinstance(first, bytes) else None
-        token = None
-        for key, value in context.invocation_metadata():
-            if key == TOKEN_HEADER:
-                token = value if isinstance(value, str) else value.decode(errors="replace")
-        reason = self.policy.check(client_id, common_name=common, token=token)
-        if reason is not None:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+    @property
+    def refused(self) -> collections.deque[str]:
+        """The reasons of the last 1000 refused calls."""
+        return self._gate.refusals.reasons
+
+    @property
+    def refusals(self) -> int:
+        """How many calls were refused or cut so far."""
+        return self._gate.refusals.total
+
+    def _saw(self, client_id: ClientId) -> None:
         with self._cond:
             self._seen[client_id] = time.monotonic()
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
-        self._note_refusal(context, reason)
-        context.abort(code, reason)
+        self._gate.refuse(context, code, reason)
 
     def _note_refusal(self, context: grpc.ServicerContext, reason: str) -> None:
-        self.refused.append(reason)
-        if self.log is not None:
-            print(f"fedlab server: refused {context.peer()}: {reason}", file=self.log, flush=True)
+        """Count and log (at a bounded rate) a refusal that answers rather than aborts."""
+        self._gate.refusals.note(context.peer(), reason)
 
     def _alive(self, client_id: ClientId, task_id: str = "") -> None:
         a = self._tasks.get(client_id)
@@ -370,8 +374,7 @@ class GrpcTransport:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "update without a header")
             raise AssertionError("unreachable")  # abort raises
         h = first.header
-        self.admit(context, h.client_id)
-        cid = int(h.client_id)
+        cid = int(h.client_id)  # the call's own client: the gate checked it
         with self._cond:
             a = self._tasks.get(cid)
             reason = self._unassigned(cid, a, h.version, h.task_id)
@@ -486,29 +489,58 @@ class GrpcTransport:
 
 
 class _Servicer:
-    """Thin gRPC adapter: authenticate, then hand over to the transport."""
+    """Thin gRPC adapter: admit the call, read its requests under deadlines, hand over.
 
-    def __init__(self, transport: GrpcTransport) -> None:
+    Every method is registered request-streaming, also those whose clients send a single
+    request: gRPC then calls the handler before reading anything, so the gate admits the
+    call from its metadata first and reads the request under the stall deadline. (For a
+    unary method gRPC would wait for the request on the handler's thread, for as long as
+    the peer likes, before any check could run.)
+    """
+
+    def __init__(self, transport: GrpcTransport, gate: Gate) -> None:
         self.t = transport
+        self.gate = gate
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        self.t.admit(context, request.client_id)
-        return self.t.join(int(request.client_id))
+    def Join(
+        self, requests: Iterator[pb.JoinRequest], context: grpc.ServicerContext
+    ) -> pb.JoinReply:
+        with self.gate.call(context) as cid:
+            request = self.gate.one(requests, context, f"client {cid}: join")
+            self.gate.claim(context, cid, request.client_id)
+            return self.t.join(cid)
 
-    def PullTask(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self.t.admit(context, request.client_id)
-        return self.t.pull(int(request.client_id), request.wait_seconds, context.is_active)
+    def PullTask(
+        self, requests: Iterator[pb.PullRequest], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        with self.gate.call(context) as cid:
+            request = self.gate.one(requests, context, f"client {cid}: pull")
+            self.gate.claim(context, cid, request.client_id)
+            chunks = self.t.pull(cid, request.wait_seconds, context.is_active)
+            yield from self.gate.send(chunks, context, f"client {cid}: task download")
 
     def PushUpdate(
-        self, request_iterator: Iterator[Chunk[pb.UpdateHeader]], context: grpc.ServicerContext
+        self, requests: Iterator[Chunk[pb.UpdateHeader]], context: grpc.ServicerContext
     ) -> pb.PushReply:
-        return self.t.push(request_iterator, context)
+        with self.gate.call(context, upload=True) as cid:
+            chunks = self.gate.read(requests, context, f"client {cid}: upload")
+            return self.t.push(self._claimed(cid, chunks, context), context)
+
+    def _claimed(
+        self, cid: int, chunks: Iterator[Chunk[pb.UpdateHeader]], context: grpc.ServicerContext
+    ) -> Iterator[Chunk[pb.UpdateHeader]]:
+        for chunk in chunks:
+            if chunk.header is not None:
+                self.gate.claim(context, cid, chunk.header.client_id)
+            yield chunk
 
     def Heartbeat(
-        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+        self, requests: Iterator[pb.HeartbeatRequest], context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
-        self.t.admit(context, request.client_id)
-        return self.t.heartbeat_from(int(request.client_id), request.task_id)
+        with self.gate.call(context) as cid:
+            request = self.gate.one(requests, context, f"client {cid}: heartbeat")
+            self.gate.claim(context, cid, request.client_id)
+            return self.t.heartbeat_from(cid, request.task_id)
 
 
 def _update_chunk(buf: bytes) -> Chunk[pb.UpdateHeader]:
@@ -519,18 +551,20 @@ def _handlers(s: _Servicer) -> grpc.GenericRpcHandler:
     """The ``Federation`` service, with task and update chunks (de)serialized by the codec.
 
     The generated servicer would turn every chunk into protobuf objects, copying each tensor
-    piece several times; the codec reads and writes the same wire format directly.
+    piece several times; the codec reads and writes the same wire format directly. Every
+    method is request-streaming on this side (see :class:`_Servicer`); on the wire a stream
+    of one message is a unary request, so clients call them as the proto declares.
     """
     service = pb.DESCRIPTOR.services_by_name["Federation"].full_name
     return grpc.method_handlers_generic_handler(
         service,
         {
-            "Join": grpc.unary_unary_rpc_method_handler(
+            "Join": grpc.stream_unary_rpc_method_handler(
                 s.Join,
                 request_deserializer=pb.JoinRequest.FromString,
                 response_serializer=pb.JoinReply.SerializeToString,
             ),
-            "PullTask": grpc.unary_stream_rpc_method_handler(  # yields serialized chunks
+            "PullTask": grpc.stream_stream_rpc_method_handler(  # yields serialized chunks
                 s.PullTask, request_deserializer=pb.PullRequest.FromString
             ),
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
@@ -538,7 +572,7 @@ def _handlers(s: _Servicer) -> grpc.GenericRpcHandler:
                 request_deserializer=_update_chunk,
                 response_serializer=pb.PushReply.SerializeToString,
             ),
-            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            "Heartbeat": grpc.stream_unary_rpc_method_handler(
                 s.Heartbeat,
                 request_deserializer=pb.HeartbeatRequest.FromString,
                 response_serializer=pb.HeartbeatReply.SerializeToString,
