@@ -32,7 +32,7 @@ import torch
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.transport import Failure
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
-from fedlab.transport.guard import Gate
+from fedlab.transport.admission import Gate
 from fedlab.transport.security import Policy, check_run_id
 from fedlab.types import ClientId, Params, State, Task, Update
 
@@ -89,7 +89,7 @@ class GrpcTransport:
         stall_timeout: seconds without a sign of life after which a task fails; also the
             longest a call may keep a server thread waiting for its next request message
             (the first included) or for the peer to take a response message, after which
-            the call is cut (see :mod:`fedlab.transport.guard`).
+            the call is cut (see :mod:`fedlab.transport.admission`).
         max_update_bytes: the largest update accepted (0: four times the task's params plus
             1 MiB).
         linger: seconds :meth:`close` waits for joined clients to hear the run is over.

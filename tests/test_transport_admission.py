@@ -24,7 +24,7 @@ from fedlab.proto import fedlab_pb2 as pb
 from fedlab.sim import build_engine
 from fedlab.transport.client import Assigned, Backoff, Connection, run_client
 from fedlab.transport.codec import payload_bytes
-from fedlab.transport.guard import CLIENT_HEADER, Refusals, call_metadata
+from fedlab.transport.admission import CLIENT_HEADER, Refusals, call_metadata
 from fedlab.transport.security import (
     TOKEN_HEADER,
     Policy,
