@@ -41,8 +41,8 @@ import torch
 
 from fedlab.engine import Engine
 from fedlab.strategies import FedAvg
-from fedlab.transport.client import FINISHED, Assigned, Connection
 from fedlab.transport.admission import call_metadata
+from fedlab.transport.client import FINISHED, Assigned, Connection
 from fedlab.transport.security import Policy, client_credentials, make_certs, server_credentials
 from fedlab.transport.server import GrpcTransport
 from fedlab.types import Update

@@ -304,7 +304,7 @@ def test_an_accepted_update_is_answered_accepted() -> None:
             tensors=len(PARAMS),
         )
         chunks = [pb.UpdateChunk(header=header).SerializeToString(), *encode(PARAMS)]
-        reply = conn._push_update(iter(chunks), timeout=10)
+        reply = conn._push_update(iter(chunks), timeout=10, metadata=conn.metadata)
         assert reply.status == pb.PushReply.ACCEPTED and reply.accepted and not reply.reason
         assert isinstance(t.next_update(10), Update)
         conn.close()

@@ -26,8 +26,8 @@ from fedlab import tensorio
 from fedlab.client import ClientRuntime
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.proto import fedlab_pb2_grpc as pb_grpc
-from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.admission import call_metadata
+from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import (
     SecurityError,
     check_run_id,

@@ -31,8 +31,8 @@ import torch
 
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.transport import Failure
-from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.admission import Gate
+from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import Policy, check_run_id
 from fedlab.types import ClientId, Params, State, Task, Update
 
