@@ -662,3 +662,24 @@ def test_an_answer_the_server_lost_is_resent_not_retrained() -> None:
     t.close()
     client.join(PATIENCE)
     assert not client.is_alive()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"+,",  # an empty group, field 5: hypothesis found protobuf keeps it as an unknown field
+        b"+\x0b\x0c,",  # a group nested in a group
+        b"+\x08\x01\x12\x00,\x1a\x00",  # fields inside a group, then a checksum after it
+    ],
+)
+def test_groups_are_skipped_as_protobuf_skips_them(data: bytes) -> None:
+    chunk = pb.UpdateChunk.FromString(data)
+    ours = decode(data, pb.UpdateHeader)
+    assert (ours.header or pb.UpdateHeader()) == chunk.header
+    assert ours.checksum == chunk.checksum and not ours.pieces
+
+
+@pytest.mark.parametrize("data", [b"+", b"+4", b"+\x0b,", b",", b"+" * 101 + b"," * 101])
+def test_unterminated_mismatched_or_deep_groups_are_wire_errors(data: bytes) -> None:
+    with pytest.raises(WireError):
+        decode(data, pb.UpdateHeader)

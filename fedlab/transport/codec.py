@@ -45,7 +45,9 @@ MAX_DIMS = 32
 # Field numbers and wire types of the chunk messages in protos/fedlab/proto/fedlab.proto.
 _CHUNK_HEADER, _CHUNK_TENSORS, _CHUNK_CHECKSUM = 1, 2, 3
 _TENSOR_DATA, _TENSOR_OFFSET = 5, 6
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
+# protobuf's own parser gives up on deeper nesting too (its recursion limit is 100).
+_MAX_GROUP_DEPTH = 100
 
 
 class WireError(ValueError):
@@ -164,6 +166,30 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview, memor
             if b < 0x80:
                 return value
 
+    def skip_group(number: int) -> None:
+        nonlocal pos
+        open_groups = [number]
+        while open_groups:
+            if pos >= end:
+                raise WireError("a group runs past the end of its message")
+            key = varint()
+            inner, wire_type = key >> 3, key & 7
+            if wire_type == _VARINT:
+                varint()
+            elif wire_type in (_I64, _I32, _LEN):
+                n = varint() if wire_type == _LEN else 8 if wire_type == _I64 else 4
+                if n > end - pos:
+                    raise WireError("a field runs past the end of its message")
+                pos += n
+            elif wire_type == _SGROUP:
+                if len(open_groups) >= _MAX_GROUP_DEPTH:
+                    raise WireError("groups nested too deeply")
+                open_groups.append(inner)
+            elif wire_type == _EGROUP and inner == open_groups[-1]:
+                open_groups.pop()
+            else:
+                raise WireError(f"unsupported wire type {wire_type} inside a group")
+
     while pos < end:
         start = pos
         key = varint()
@@ -177,6 +203,10 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview, memor
                 raise WireError("a field runs past the end of its message")
             value = buf[pos : pos + n]
             pos += n
+        elif wire_type == _SGROUP:
+            # A (deprecated) group: protobuf keeps it as an unknown field, so skip to its end.
+            skip_group(number)
+            value = buf[start:pos]
         else:
             raise WireError(f"unsupported wire type {wire_type}")
         if number == 0:
