@@ -301,15 +301,24 @@ class LocalSGD(ClientAlgorithm):
         }
         if dp is None:
             return metrics, state
-        history = privacy.compose(dp.history, dp.noise_multiplier, dp.sample_rate, steps)
-        metrics["clipped"] = clipped / max(seen, 1)
-        metrics["noise_multiplier"] = dp.noise_multiplier
-        # Opacus is a core dependency: a DP run always reports its ε, never silently none.
-        if dp.noise_multiplier > 0:
-            metrics["epsilon"] = privacy.epsilon(history, dp.delta)
-        record: dict[str, Any] = {
-            "noise_multiplier": dp.noise_multiplier,
-            "delta": dp.delta,
-            "history": history,
-        }
-        return metrics, {**(state or {}), "dp": record}
+        return dp_result(dp, steps, metrics, float(clipped) / max(seen, 1), state)
+
+
+def dp_result(
+    dp: _SampleDP, steps: int, metrics: dict[str, float], clipped: float, state: State | None
+) -> tuple[dict[str, float], State]:
+    """The metrics and client state after ``steps`` private steps, for either training loop.
+
+    The client's privacy history grows by ``steps`` compositions; Opacus is a core dependency,
+    so a DP run always reports the ε it spent, never silently none.
+    """
+    history = privacy.compose(dp.history, dp.noise_multiplier, dp.sample_rate, steps)
+    metrics = {**metrics, "clipped": clipped, "noise_multiplier": dp.noise_multiplier}
+    if dp.noise_multiplier > 0:
+        metrics["epsilon"] = privacy.epsilon(history, dp.delta)
+    record: dict[str, Any] = {
+        "noise_multiplier": dp.noise_multiplier,
+        "delta": dp.delta,
+        "history": history,
+    }
+    return metrics, {**(state or {}), "dp": record}

@@ -13,11 +13,9 @@ masked. With sample-level DP-SGD, per-record gradients are nested inside the per
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedlab import privacy, seeding
 from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatch_grid
-from fedlab.clients.sgd import LocalSGD, Plan, _SampleDP
+from fedlab.clients.sgd import LocalSGD, Plan, _SampleDP, dp_result
 from fedlab.data import ClientData
 from fedlab.types import State, Task
 
@@ -229,8 +227,8 @@ def _train_stacked(
         metrics = {"loss": losses[c] / max(seen[c], 1), "accuracy": right[c] / max(seen[c], 1)}
         state = it.state
         if dps is not None:
-            metrics, state = _dp_result(
-                dps[c], plans[c], metrics, n_clip[c] / max(seen[c], 1), state
+            metrics, state = dp_result(
+                dps[c], plans[c].steps, metrics, n_clip[c] / max(seen[c], 1), state
             )
         fits.append(Fit(payload=payload, num_examples=sizes[c], metrics=metrics, state=state))
     return fits
@@ -385,20 +383,3 @@ def _first(v: float | torch.Tensor, k: int, like: torch.Tensor) -> float | torch
     if isinstance(v, float):
         return v
     return v[:k].view(-1, *([1] * (like.dim() - 1)))
-
-
-def _dp_result(
-    dp: _SampleDP, plan: Plan, metrics: dict[str, float], clipped: float, state: State | None
-) -> tuple[dict[str, float], State]:
-    """The DP metrics and client state :meth:`LocalSGD.train` reports after ``plan.steps``."""
-    history = privacy.compose(dp.history, dp.noise_multiplier, dp.sample_rate, plan.steps)
-    metrics = {**metrics, "clipped": clipped, "noise_multiplier": dp.noise_multiplier}
-    if dp.noise_multiplier > 0:
-        with contextlib.suppress(ImportError):
-            metrics["epsilon"] = privacy.epsilon(history, dp.delta)
-    record: dict[str, Any] = {
-        "noise_multiplier": dp.noise_multiplier,
-        "delta": dp.delta,
-        "history": history,
-    }
-    return metrics, {**(state or {}), "dp": record}
