@@ -468,6 +468,9 @@ def _summary(
     engine: Engine, config: RunConfig, final: dict[str, float], command: str
 ) -> dict[str, Any]:
     clock = "simulated_time" if command == "simulate" else "transport_time"
+    # An executor may say where it trained (the Ray backend: ``ray_nodes``, actors and jobs
+    # per node), which a run on a cluster wants on record.
+    executor_summary = getattr(getattr(engine.transport, "executor", None), "summary", None)
     return {
         "strategy": config.strategy,
         "workload": config.workload,
@@ -479,6 +482,7 @@ def _summary(
         "updates_received": engine.counters.received,
         "updates_rejected": engine.counters.rejected,
         "updates_failed": engine.counters.failed,
+        **(executor_summary() if callable(executor_summary) else {}),
     }
 
 

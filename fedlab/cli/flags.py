@@ -61,7 +61,8 @@ HELP = {
     "one batched computation; see docs/how-to-vmap-backend.md), or auto (vmap where the "
     "client half and model are batched, else inprocess; says which)",
     "workers": "Ray actors (each holds one model and serves many clients)",
-    "ray_address": "join an existing Ray cluster at this address",
+    "ray_address": "join the running Ray cluster at this address (its head's host:port) "
+    "instead of starting a local Ray; fedlab only disconnects from it at the end",
     "cpus_per_worker": "CPUs reserved per Ray actor",
     "gpus_per_worker": "GPU fraction reserved per Ray actor",
     "device": "torch device for client training (cpu, cuda, cuda:1)",

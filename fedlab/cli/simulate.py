@@ -76,5 +76,13 @@ def _print_table(summary: dict[str, Any], run_dir: Path, command: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
+        if isinstance(value, dict):
+            # ray_nodes: one row per node (its id shortened, as `ray status` shows them)
+            for sub, inner in value.items():
+                shown = ", ".join(f"{v} {k}" for k, v in inner.items()) if isinstance(
+                    inner, dict
+                ) else str(inner)  # fmt: skip
+                table.add_row(f"{key} {str(sub)[:12]}", shown)
+            continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)

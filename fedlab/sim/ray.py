@@ -16,6 +16,7 @@ exactly, and the virtual clock in front of the executor decides the order result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,10 @@ from fedlab.sim.transport import Job
 from fedlab.types import ClientId, Params, State, Task, Update
 
 __all__ = ["RayExecutor"]
+
+# How long close() waits for the actors' node ids (asked for when they start; an actor that
+# trained a job has answered long before, so this only bounds the wait on one that never ran).
+_NODE_ID_WAIT_S = 10.0
 
 # Decoded params an actor keeps: asynchronous strategies interleave jobs of a few versions,
 # and re-decoding a large model for every job would cost more than the training.
@@ -58,6 +63,10 @@ class _Worker:
         self.config = from_mapping(json.loads(config_json))
         self.runtime = build_runtime(self.config)
         self._params: OrderedDict[int, Params] = OrderedDict()
+
+    def node_id(self) -> str:
+        """The id of the Ray node this actor runs on (hex), for the run's summary."""
+        return str(ray.get_runtime_context().get_node_id())
 
     def _version(self, token: int, params_ref: list[Any]) -> Params:
         """The params of ``token``, fetched from the object store once and then cached.
@@ -131,10 +140,12 @@ class _Pending:
 class RayExecutor:
     """Trains clients on a pool of ``config.workers`` Ray actors.
 
-    Starts a light local Ray cluster unless Ray is already initialized (or joins
-    ``config.ray_address``). Jobs are dispatched as they are submitted, each to the actor with
-    the fewest unfinished jobs (ties to the lowest index); :meth:`result` blocks on one
-    client's job.
+    Starts a light local Ray cluster unless Ray is already initialized, or joins the running
+    cluster at ``config.ray_address`` (and then only disconnects from it on :meth:`close`).
+    Actors are placed with Ray's ``SPREAD`` strategy, so on a cluster they go to different
+    nodes before any node gets a second one. Jobs are dispatched as they are submitted, each
+    to the actor with the fewest unfinished jobs (ties to the lowest index); :meth:`result`
+    blocks on one client's job. :meth:`summary` says which node each actor ran on.
 
     Args:
         config: the run configuration; actors build their runtime from it.
@@ -153,6 +164,9 @@ class RayExecutor:
         self._waiting: dict[ClientId, tuple[tuple[int, int], _CachedParams, bytes]] = {}
         self._batches: dict[Any, tuple[list[dict[str, Any]], int]] = {}
         self.batched_calls = 0  # run_many calls sent (``--vectorize``)
+        self._jobs: list[int] = []  # per actor: jobs sent to it
+        self._node_refs: list[Any] = []  # per actor: its node id, once it has started
+        self._nodes: list[str] = []  # per actor: its node id ("" unknown), filled by close()
         if not ray.is_initialized():
             self._init_ray(config)
         try:
@@ -170,13 +184,21 @@ class RayExecutor:
                 f"{available:g}; the ones that do not fit wait (lower cpus_per_worker)",
                 RuntimeWarning, stacklevel=3,
             )  # fmt: skip
+        # SPREAD rather than a custom resource per node: it needs no resource names from the
+        # user, works on any cluster, and still honours num_cpus/num_gpus, so one actor per
+        # GPU of a multi-GPU node still holds. Ray's default would fill the driver's node first.
         remote = ray.remote(_Worker).options(
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker
-        )
+            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
+            scheduling_strategy="SPREAD",
+        )  # fmt: skip
         registered = _registrations(config)
         config_json = json.dumps(config.to_dict())
         self._actors = [remote.remote(config_json, registered) for _ in range(config.workers)]
         self._running = [[] for _ in self._actors]
+        self._jobs = [0 for _ in self._actors]
+        # Asked now, answered once each actor is up (before its first job): never blocks here,
+        # since actors that do not fit the cluster may wait for resources.
+        self._node_refs = [actor.node_id.remote() for actor in self._actors]
 
     def _init_ray(self, config: RunConfig) -> None:
         kwargs: dict[str, Any] = {
@@ -195,6 +217,8 @@ class RayExecutor:
             # Ray warns about a future change of CUDA_VISIBLE_DEVICES handling on every start.
             warnings.simplefilter("ignore", FutureWarning)
             ray.init(**kwargs)
+        # With an address this process only joined the cluster: ray.shutdown() in close() then
+        # disconnects the driver and leaves the cluster running.
         self._started_ray = True
 
     def submit(self, job: Job) -> None:
@@ -220,6 +244,7 @@ class RayExecutor:
         actor = self._least_busy()
         ref = self._actors[actor].run.remote(cached.token, [cached.ref], spec)
         self._running[actor].append(ref)
+        self._jobs[actor] += 1
         self._pending[cid] = _Pending(ref, actor, key)
 
     def _dispatch_waiting(self) -> None:
@@ -235,6 +260,7 @@ class RayExecutor:
                 [spec for _, (_, _, spec) in part],
             )
             self._running[actor].append(ref)
+            self._jobs[actor] += len(part)
             self.batched_calls += 1
             for index, (cid, (key, _, _)) in enumerate(part):
                 self._pending[cid] = _Pending(ref, actor, key, index)
@@ -308,9 +334,39 @@ class RayExecutor:
             # once the actors' borrowed references are gone.
             del self._params[pending.key]
 
+    def summary(self) -> dict[str, Any]:
+        """Where the actors ran, for the run's ``summary.json``: ``ray_nodes`` maps each Ray
+        node id to the number of actors placed on it and of jobs they were sent (node ids are
+        known once :meth:`close` has run; an actor whose node never answered counts under
+        ``"unknown"``)."""
+        nodes: dict[str, dict[str, int]] = {}
+        for actor, jobs in enumerate(self._jobs):
+            node = (self._nodes[actor] if actor < len(self._nodes) else "") or "unknown"
+            entry = nodes.setdefault(node, {"actors": 0, "jobs": 0})
+            entry["actors"] += 1
+            entry["jobs"] += jobs
+        return {"ray_nodes": nodes}
+
+    def _resolve_nodes(self) -> None:
+        """Collect the actors' node ids, waiting a bounded time; failures count as unknown."""
+        refs = self._node_refs
+        self._node_refs = []
+        if not refs or not ray.is_initialized():
+            return
+        nodes = ["" for _ in refs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_NODE_ID_WAIT_S)
+        done = set(ready)
+        for actor, ref in enumerate(refs):
+            if ref in done:
+                with contextlib.suppress(ray.exceptions.RayError):  # a dead actor: unknown
+                    nodes[actor] = str(ray.get(ref))
+        self._nodes = nodes
+
     def close(self) -> None:
-        """Kill the actors; shut Ray down if this executor started it. Safe to call twice."""
+        """Kill the actors; shut Ray down if this executor started it (only disconnect from a
+        cluster it joined). Safe to call twice."""
         if ray.is_initialized():  # whoever started Ray may have shut it down already
+            self._resolve_nodes()
             for actor in self._actors:
                 ray.kill(actor, no_restart=True)
         self._actors = []
