@@ -209,6 +209,12 @@ class RayExecutor:
             "log_to_driver": False,
             "logging_level": logging.WARNING,
         }
+        host = config.ray_address.rpartition(":")[0].strip("[]")
+        if not config.ray_address or host in ("127.0.0.1", "localhost", "::1"):
+            # A Ray that fedlab starts serves this machine only, and a driver joining a cluster
+            # on loopback registers a loopback address: Ray would otherwise pick the first
+            # network interface and open its ports there.
+            kwargs["_node_ip_address"] = "127.0.0.1"
         if not config.ray_address:
             # Enough logical CPUs for every actor even on a small machine: the actors share
             # the cores anyway, and a pool that cannot be scheduled would wait forever.
