@@ -17,7 +17,8 @@ from fedlab.types import ClientId, State, Task, Update
 class Failure:
     """A client gave up on its task (crashed, disconnected, timed out on its side), or the
     transport refused the update it sent for it (``refused``: malformed, non-finite metrics,
-    too large). Either way the task is over: the engine counts a refused one as rejected."""
+    too large, or rejected by the engine's check). Either way the task is over: the engine
+    counts a refused one as rejected."""
 
     client_id: ClientId
     version: int
@@ -26,7 +27,16 @@ class Failure:
 
 
 class Transport(Protocol):
-    """What the engine needs from whatever carries tasks and updates."""
+    """What the engine needs from whatever carries tasks and updates.
+
+    A transport that answers its clients (the gRPC server) may also define
+    ``check_updates(check)``, where ``check(update) -> reason | None`` is the engine's own
+    update check (:meth:`fedlab.engine.Engine.check`): the engine installs it at construction,
+    and the transport runs it on each update before it answers the client, refusing with the
+    reason (and reporting a ``refused`` :class:`Failure`) instead of handing the update over.
+    Optional, so not a member of this protocol: a transport that cannot answer clients
+    (simulation, Flower) leaves it out, and the engine validates whatever it receives anyway.
+    """
 
     def clients(self) -> int:
         """Size of the client population (ids ``0 .. n - 1``)."""

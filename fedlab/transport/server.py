@@ -20,7 +20,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,7 @@ class GrpcTransport:
         self._offset = 0.0
         self._encoded: _Encoded | None = None
         self._encoding = threading.Lock()
+        self._check: Callable[[Update], str | None] | None = None
         self._gate = Gate(policy, stall_timeout=stall_timeout, log=log, on_admit=self._saw)
         # Every call holds a worker thread while it waits (long-polls, reads, sends): the pool
         # has room for every client at the gate's per-client limit, so none can starve another.
@@ -197,6 +198,14 @@ class GrpcTransport:
                 alive=time.monotonic(),
             )
             self._cond.notify_all()
+
+    def check_updates(self, check: Callable[[Update], str | None]) -> None:
+        """Run ``check`` on every update before answering its client (see :meth:`push`).
+
+        ``check`` returns why the update would be rejected, or ``None``; it is called on gRPC
+        handler threads, so it must only read what it shares with the engine thread.
+        """
+        self._check = check
 
     def next_update(self, timeout: float | None) -> Update | Failure | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -396,26 +405,42 @@ class GrpcTransport:
         except BaseException:
             self._uploads.release()
             raise
+        update = Update(
+            client_id=cid,
+            version=int(h.version),
+            payload=payload,
+            num_examples=int(h.num_examples),
+            metrics=metrics,
+        )
+        rejected = self._checked(update)
+        if rejected is not None:
+            self._uploads.release()
+            return self._refuse_update(context, cid, h, rejected)
         with self._cond:
             # The assignment may have expired, or a duplicate upload may have won meanwhile.
             now = self._tasks.get(cid)
             reason = self._unassigned(cid, now, h.version, h.task_id)
             if reason is None:
                 del self._tasks[cid]
-                self._events.append(
-                    Update(
-                        client_id=cid,
-                        version=int(h.version),
-                        payload=payload,
-                        num_examples=int(h.num_examples),
-                        metrics=metrics,
-                    )
-                )
+                self._events.append(update)
                 self._cond.notify_all()
         if reason is not None:
             self._uploads.release()
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         return pb.PushReply(accepted=True, status=pb.PushReply.ACCEPTED)
+
+    def _checked(self, update: Update) -> str | None:
+        """Why the engine's check rejects ``update``, or ``None`` (also without a check).
+
+        An error inside the check itself is no verdict on the client: the update goes to the
+        engine, which validates it again on its own thread and reports the error there.
+        """
+        if self._check is None:
+            return None
+        try:
+            return self._check(update)
+        except Exception:
+            return None
 
     def _refuse_update(
         self, context: grpc.ServicerContext, cid: ClientId, h: pb.UpdateHeader, reason: str
