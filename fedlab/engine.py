@@ -25,7 +25,7 @@ from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, EveryRound, Fold, Period, Strategy, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext, payload_bytes
-from fedlab.transport import Failure, Transport
+from fedlab.transport import Checked, Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
 
 if TYPE_CHECKING:
@@ -252,9 +252,11 @@ class Engine:
                 break
         self._aggregate(trigger)
 
-    def _handle(self, event: Update | Failure) -> None:
+    def _handle(self, event: Update | Checked | Failure) -> None:
         if isinstance(event, Failure):
             self._fail(event)
+        elif isinstance(event, Checked):
+            self._receive(event.update, event.decoded)
         else:
             self._receive(event)
 
@@ -334,7 +336,9 @@ class Engine:
         if len(self._log.reasons) < 5:
             self._log.reasons.append(reason)
 
-    def _receive(self, update: Update) -> None:
+    def _receive(self, update: Update, decoded: Update | None = None) -> None:
+        """Take ``update`` as received; ``decoded`` is its payload already decoded by
+        :meth:`check` in the transport (it is validated again here all the same)."""
         self.counters.received += 1
         self._log.bytes_up += payload_bytes(update.payload)
         cid = update.client_id
@@ -355,7 +359,8 @@ class Engine:
             self.counters.stale_dropped += 1  # a straggler from a version already aggregated
             return
         try:
-            decoded = self.decode(update)
+            if decoded is None:
+                decoded = self.decode(update)
             self._log.decoded_bytes += payload_bytes(update.payload)
             self._log.decoded_entries += sum(t.numel() for t in decoded.payload.values())
             self.validate(decoded, base)
@@ -395,25 +400,26 @@ class Engine:
         self.strategy.validate(decoded, base)
         check_update(decoded, max_num_examples=self.max_num_examples, max_norm=self.max_update_norm)
 
-    def check(self, update: Update) -> str | None:
-        """Why the engine would reject ``update`` (still encoded), or ``None`` if it would not.
+    def check(self, update: Update) -> Update | str:
+        """``update`` (as received) decoded, or why the engine would reject it.
 
         Installed into a transport that answers clients, which calls it on its own threads
         for an update that answers a task it holds, before telling the client whether the
-        update was accepted. Only the content is judged here; whether the client holds that
-        task is the caller's question (and the engine's again when the update arrives).
-        ``None`` too when the params of the update's version are gone (the task expired
-        meanwhile): the engine decides when it receives the update.
+        update was accepted, and hands the decoded update on (see
+        :class:`~fedlab.transport.Checked`). Only the content is judged here; whether the
+        client holds that task is the caller's question, and the engine's again when the
+        update arrives. When the params of the update's version are already gone (its task
+        expired meanwhile) it is only decoded: the engine judges it on arrival.
         """
         with self._task_params_lock:
             base = self._task_params.get(update.version)
-        if base is None:
-            return None
         try:
-            self.validate(self.decode(update), base)
+            decoded = self.decode(update)
+            if base is not None:
+                self.validate(decoded, base)
         except (UpdateRejected, ValueError) as e:
             return str(e)
-        return None
+        return decoded
 
     def _fail(self, failure: Failure) -> None:
         if self.inflight.get(failure.client_id) != failure.version:

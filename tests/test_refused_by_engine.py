@@ -1,6 +1,7 @@
 """The deployed server answers with the engine's own verdict: an update the engine would reject
 (NaN or Inf, wrong shapes, a server bound) is refused to the client, consumes its task and is
-counted as rejected once, over real loopback gRPC."""
+counted as rejected once, over real loopback gRPC; an accepted one reaches the engine decoded
+once and is validated there again."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 
 from conftest import small_config
 from fedlab.sim import build_engine
-from fedlab.transport import Failure
+from fedlab.transforms import Pipeline, TransformContext, UpdateTransform
+from fedlab.transport import Checked, Failure
 from fedlab.transport.client import Assigned, Connection, run_client
 from fedlab.transport.security import Policy
 from fedlab.transport.server import GrpcTransport
-from fedlab.types import Params, Task, Update
+from fedlab.types import Params, State, Task, Update
 
 PATIENCE = 120.0
 
@@ -141,3 +143,50 @@ def test_a_client_refused_by_the_engine_pulls_a_new_task_and_never_retrains() ->
     assert runtimes[1].runs == [0, 1]
     assert engine.counters.rejected == 1 and engine.counters.received == 3
     assert results == {0: 1, 1: 2}  # tasks each client had accepted
+
+
+class _Counting(UpdateTransform):
+    """Passes payloads through and counts the server's decodes."""
+
+    def __init__(self) -> None:
+        self.decodes = 0
+
+    def encode(
+        self, payload: Params, ctx: TransformContext, state: State | None
+    ) -> tuple[Params, State | None]:
+        return payload, state
+
+    def decode(self, payload: Params, ctx: TransformContext) -> Params:
+        self.decodes += 1
+        return payload
+
+
+def test_an_accepted_update_is_decoded_once_and_validated_again_by_the_engine() -> None:
+    config = small_config(clients=2, fraction=1.0, rounds=1)
+    t = _serve(config)
+    engine = build_engine(config, transport=t)
+    counting = _Counting()
+    engine.pipeline = Pipeline((counting,))
+    try:
+        engine._fill(engine.strategy.trigger)
+        conn = Connection(f"127.0.0.1:{t.port}", 0)
+        got = conn.pull(5.0)
+        assert isinstance(got, Assigned)
+        update = Update(0, got.task.version, _honest(got.task.params), 10)
+        assert conn.push(update, got.task_id) is None
+        event = t.next_update(PATIENCE)
+        assert isinstance(event, Checked) and counting.decodes == 1
+        engine._handle(event)
+        assert counting.decodes == 1 and len(engine.buffer) == 1
+        conn.close()
+        # Defence in depth: what a transport hands over as checked is validated again.
+        other = Connection(f"127.0.0.1:{t.port}", 1)
+        got = other.pull(5.0)
+        assert isinstance(got, Assigned)
+        bad, _ = _corrupt("nan", got.task.params)
+        sent = Update(1, got.task.version, _honest(got.task.params), 10)
+        engine._handle(Checked(sent, Update(1, got.task.version, bad, 10)))
+        assert engine.counters.rejected == 1 and len(engine.buffer) == 1
+        other.close()
+    finally:
+        t.close()
