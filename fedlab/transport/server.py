@@ -404,6 +404,10 @@ class GrpcTransport:
             payload, metrics = self._receive(cid, h, a.limit, first, chunks)
         except WireError as e:
             self._uploads.release()
+            if not context.is_active():
+                # Cut for stalling (the stream then reads as ended) or cancelled by the client:
+                # no verdict on an update that never fully arrived, and the task stays its own.
+                context.abort(grpc.StatusCode.CANCELLED, "the upload was cut")
             return self._refuse_update(context, cid, h, str(e))
         except BaseException:
             self._uploads.release()
@@ -457,12 +461,12 @@ class GrpcTransport:
         fast as the client trains; consumed, the engine counts it as rejected and may hand
         the client a new one.
         """
+        self._note_refusal(context, reason)  # counted before the engine can hear of it
         with self._cond:
             if self._unassigned(cid, self._tasks.get(cid), h.version, h.task_id) is None:
                 del self._tasks[cid]
                 self._events.append(Failure(cid, int(h.version), reason, refused=True))
                 self._cond.notify_all()
-        self._note_refusal(context, reason)
         return pb.PushReply(accepted=False, status=pb.PushReply.REFUSED, reason=reason)
 
     def _receive(
