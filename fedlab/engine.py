@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, EveryRound, Fold, Period, Strategy, UpdateRejected
 from fedlab.transforms import Pipeline, TransformContext, payload_bytes
-from fedlab.transport import Failure, Transport
+from fedlab.transport import Checked, Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
 
 if TYPE_CHECKING:
@@ -188,11 +189,18 @@ class Engine:
         self._deadline: float | None = None
         self._configure_calls = 0
         self._task_params: dict[int, Params] = {0: self.params}
+        # check() reads _task_params on the transport's threads; the engine thread writes it.
+        self._task_params_lock = threading.Lock()
         self._log = _VersionLog()
         self._wall_start = _time.perf_counter()
         self.on_reject: Callable[[Update, str], None] | None = None
         self.resumed_from: Path | None = None
         self.resume_warnings: list[str] = []
+        # A transport that answers clients (gRPC) runs this engine's own update checks before
+        # it replies, so a client hears "refused" for any reason the engine would reject for.
+        install = getattr(transport, "check_updates", None)
+        if callable(install):
+            install(self.check)
 
     # ------------------------------------------------------------------ the loop
 
@@ -244,9 +252,11 @@ class Engine:
                 break
         self._aggregate(trigger)
 
-    def _handle(self, event: Update | Failure) -> None:
+    def _handle(self, event: Update | Checked | Failure) -> None:
         if isinstance(event, Failure):
             self._fail(event)
+        elif isinstance(event, Checked):
+            self._receive(event.update, event.decoded)
         else:
             self._receive(event)
 
@@ -306,7 +316,8 @@ class Engine:
             task = Task(task.version, task.params, {**self.task_config, **task.config})
         self.inflight[cid] = task.version
         self._inflight_config[cid] = task.config
-        self._task_params.setdefault(task.version, task.params)
+        with self._task_params_lock:
+            self._task_params.setdefault(task.version, task.params)
         self._log.bytes_down += payload_bytes(task.params)
         if isinstance(self.strategy.trigger, EveryRound):
             self._pending.add(cid)
@@ -325,7 +336,9 @@ class Engine:
         if len(self._log.reasons) < 5:
             self._log.reasons.append(reason)
 
-    def _receive(self, update: Update) -> None:
+    def _receive(self, update: Update, decoded: Update | None = None) -> None:
+        """Take ``update`` as received; ``decoded`` is its payload already decoded by
+        :meth:`check` in the transport (it is validated again here all the same)."""
         self.counters.received += 1
         self._log.bytes_up += payload_bytes(update.payload)
         cid = update.client_id
@@ -346,21 +359,11 @@ class Engine:
             self.counters.stale_dropped += 1  # a straggler from a version already aggregated
             return
         try:
-            ctx = TransformContext(client_id=cid, version=update.version, seed=self.seed)
-            payload = self.pipeline.decode(update.payload, ctx)
+            if decoded is None:
+                decoded = self.decode(update)
             self._log.decoded_bytes += payload_bytes(update.payload)
-            self._log.decoded_entries += sum(t.numel() for t in payload.values())
-            decoded = Update(
-                client_id=cid,
-                version=update.version,
-                payload=payload,
-                num_examples=update.num_examples,
-                metrics=update.metrics,
-            )
-            self.strategy.validate(decoded, base)
-            check_update(
-                decoded, max_num_examples=self.max_num_examples, max_norm=self.max_update_norm
-            )
+            self._log.decoded_entries += sum(t.numel() for t in decoded.payload.values())
+            self.validate(decoded, base)
         except (UpdateRejected, ValueError) as e:
             self._reject(update, str(e))
             return
@@ -373,6 +376,50 @@ class Engine:
             self._folded = Fold()
         self._folded.add(decoded, weight)
         self.buffer.append(dataclasses.replace(decoded, payload={}))
+
+    def decode(self, update: Update) -> Update:
+        """``update`` with its payload decoded through the pipeline (in reverse).
+
+        Raises:
+            ValueError: the pipeline could not decode it.
+        """
+        ctx = TransformContext(client_id=update.client_id, version=update.version, seed=self.seed)
+        return dataclasses.replace(update, payload=self.pipeline.decode(update.payload, ctx))
+
+    def validate(self, decoded: Update, base: Params) -> None:
+        """Apply every check the engine makes to a decoded update.
+
+        The one definition of what the engine accepts: :meth:`_receive` and :meth:`check`
+        both call it (after :meth:`decode`). Like :meth:`decode` it reads only what never
+        changes during a run (pipeline, strategy, bounds, seed) and ``base``, the params of
+        the update's task, so any thread may call it.
+
+        Raises:
+            UpdateRejected: the strategy's validation or a server bound refused it.
+        """
+        self.strategy.validate(decoded, base)
+        check_update(decoded, max_num_examples=self.max_num_examples, max_norm=self.max_update_norm)
+
+    def check(self, update: Update) -> Update | str:
+        """``update`` (as received) decoded, or why the engine would reject it.
+
+        Installed into a transport that answers clients, which calls it on its own threads
+        for an update that answers a task it holds, before telling the client whether the
+        update was accepted, and hands the decoded update on (see
+        :class:`~fedlab.transport.Checked`). Only the content is judged here; whether the
+        client holds that task is the caller's question, and the engine's again when the
+        update arrives. When the params of the update's version are already gone (its task
+        expired meanwhile) it is only decoded: the engine judges it on arrival.
+        """
+        with self._task_params_lock:
+            base = self._task_params.get(update.version)
+        try:
+            decoded = self.decode(update)
+            if base is not None:
+                self.validate(decoded, base)
+        except (UpdateRejected, ValueError) as e:
+            return str(e)
+        return decoded
 
     def _fail(self, failure: Failure) -> None:
         if self.inflight.get(failure.client_id) != failure.version:
@@ -392,8 +439,9 @@ class Engine:
 
     def _prune(self) -> None:
         keep = set(self.inflight.values()) | {self.version}
-        for v in [v for v in self._task_params if v not in keep]:
-            del self._task_params[v]
+        with self._task_params_lock:
+            for v in [v for v in self._task_params if v not in keep]:
+                del self._task_params[v]
 
     # ------------------------------------------------------------------ aggregating
 
@@ -432,7 +480,8 @@ class Engine:
         if isinstance(trigger, Period):
             assert self._deadline is not None
             self._deadline += trigger.seconds
-        self._task_params[self.version] = self.params
+        with self._task_params_lock:
+            self._task_params[self.version] = self.params
         self._prune()
         row = self._row(updates, metrics)
         if self.adversary is not None:
@@ -550,8 +599,10 @@ class Engine:
         self._filled = bool(ckpt["filled"])
         self._deadline = ckpt["deadline"]
         self._configure_calls = int(ckpt["configure_calls"])
-        self._task_params = {int(v): p for v, p in ckpt["task_params"].items()}
-        self._task_params[self.version] = self.params
+        task_params = {int(v): p for v, p in ckpt["task_params"].items()}
+        task_params[self.version] = self.params
+        with self._task_params_lock:
+            self._task_params = task_params
         self.buffer = [Update(**u) for u in ckpt["buffer"]]
         self._wall_start = _time.perf_counter() - float(ckpt["wall"])
         self.transport.load_state_dict(ckpt["transport"])

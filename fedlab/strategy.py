@@ -117,7 +117,9 @@ class Strategy:
         """Reject an update that cannot be aggregated, raising :class:`UpdateRejected`.
 
         The default expects a delta: exactly the floating-point entries of ``params``, same
-        shapes and dtypes, every value finite.
+        shapes and dtypes, every value finite. The deployed server calls it on several threads
+        at once (it checks each update before answering its client), so it only reads
+        ``update``, ``params`` and the strategy's own (frozen) settings.
         """
         check_like(update.payload, params, what=f"update from client {update.client_id}")
 

@@ -43,7 +43,11 @@ class UpdateTransform:
         raise NotImplementedError
 
     def decode(self, payload: Params, ctx: TransformContext) -> Params:
-        """Server side: undo what :meth:`encode` did as far as it can be undone."""
+        """Server side: undo what :meth:`encode` did as far as it can be undone.
+
+        The deployed server calls it on several threads at once (it checks each update before
+        answering its client): it must not change shared state.
+        """
         raise NotImplementedError
 
 

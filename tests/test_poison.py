@@ -468,8 +468,9 @@ def test_cli_refuses_a_negative_norm_bound() -> None:
 
 def test_the_deployed_server_applies_the_bounds_and_its_fold_does_not_overflow() -> None:
     """Over gRPC, with the deployed server's streaming fold: a 2**62-example claim and an
-    update above --max-update-norm are refused by the engine; without the norm bound, every
-    entry at 3e38 from 100 examples is folded in float64 and the model stays finite."""
+    update above --max-update-norm are refused, and the clients hear the engine's reasons;
+    without the norm bound, every entry at 3e38 from 100 examples is folded in float64 and the
+    model stays finite."""
     from fedlab.transport.client import Assigned, Connection
     from fedlab.transport.security import Policy
     from fedlab.transport.server import GrpcTransport
@@ -487,6 +488,8 @@ def test_the_deployed_server_applies_the_bounds_and_its_fold_does_not_overflow()
         )
         return build_engine(config, transport=t, stream=True), t
 
+    reasons: list[str] = []
+
     def push_all(engine: Engine, t: GrpcTransport, answers: dict[int, tuple[float, int]]) -> None:
         engine._fill(engine.strategy.trigger)
         for cid, (fill, n) in answers.items():
@@ -494,18 +497,18 @@ def test_the_deployed_server_applies_the_bounds_and_its_fold_does_not_overflow()
             got = conn.pull(5.0)
             assert isinstance(got, Assigned)
             payload = {k: torch.full_like(v, fill) for k, v in got.task.params.items()}
-            conn.push(Update(cid, got.task.version, payload, n), got.task_id)
+            refused = conn.push(Update(cid, got.task.version, payload, n), got.task_id)
+            if refused is not None:
+                reasons.append(refused)
         engine.step()
 
-    reasons: list[str] = []
     config = small_config(clients=3, fraction=1.0, rounds=1, max_update_norm=1.0)
     engine, t = deployed(config)
-    engine.on_reject = lambda u, r: reasons.append(r)
     try:
         push_all(engine, t, {0: (0.5, 100), 1: (0.01, 2**62), 2: (0.01, 100)})
     finally:
         t.close()
-    assert engine.version == 1 and engine.counters.rejected == 2
+    assert engine.version == 1 and engine.counters.rejected == 2 and len(reasons) == 2
     assert any("max_update_norm" in r for r in reasons)
     assert any("max_num_examples" in r for r in reasons)
     start = build_engine(config).params
@@ -517,5 +520,5 @@ def test_the_deployed_server_applies_the_bounds_and_its_fold_does_not_overflow()
         push_all(engine, t, {0: (HUGE, 100), 1: (0.01, 100), 2: (0.01, 100)})
     finally:
         t.close()
-    assert engine.counters.rejected == 0
+    assert engine.counters.rejected == 0 and len(reasons) == 2
     assert_finite(engine)

@@ -466,7 +466,7 @@ def test_a_dead_client_fails_and_never_blocks_the_run() -> None:
         th.join(10)
 
 
-def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
+def test_nan_and_misshapen_updates_are_refused_with_the_engines_reason() -> None:
     config = small_config(clients=2, fraction=1.0, rounds=1)
     engine, t = _engine(config, linger=0.0)
     engine._fill(engine.strategy.trigger)
@@ -481,9 +481,10 @@ def test_nan_and_misshapen_updates_are_rejected_by_the_engine() -> None:
             payload[name] = torch.full_like(payload[name], float("nan"))
         else:
             payload[name] = torch.zeros(1, dtype=payload[name].dtype)
-        conn.push(Update(cid, got.task.version, payload, 1), got.task_id)
+        reason = conn.push(Update(cid, got.task.version, payload, 1), got.task_id)
+        assert reason is not None and ("NaN" if corrupt == "nan" else "shape") in reason
         event = t.next_update(5.0)
-        assert isinstance(event, Update)
+        assert isinstance(event, Failure) and event.refused and event.reason == reason
         engine._handle(event)
     assert engine.counters.rejected == 2 and not engine.buffer
     for k, v in before.items():

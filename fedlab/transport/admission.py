@@ -292,10 +292,15 @@ class Gate:
     def read(self, requests: Iterator[T], context: grpc.ServicerContext, what: str) -> Iterator[T]:
         """``requests``, each message (and the end) awaited for at most ``stall_timeout`` s."""
         while True:
-            with self._watchdog.watch(context, what):
+            with self._watchdog.watch(context, what) as watch:
                 try:
                     message = next(requests)
                 except StopIteration:
+                    if watch.expired:
+                        # gRPC ends the request stream of the call the watchdog cancelled: that
+                        # is a cut, not the client's end of the stream (no verdict on a half
+                        # update, whose task must stay assigned).
+                        context.abort(grpc.StatusCode.CANCELLED, f"{what}: call cut")
                     return
             yield message
 

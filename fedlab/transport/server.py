@@ -5,6 +5,9 @@ heartbeats while training. The engine thread calls :meth:`GrpcTransport.submit` 
 :meth:`GrpcTransport.next_update`; gRPC handler threads serve the clients. A task is
 single-use: its random id must come back with the update, and the assignment is removed the
 moment an update for it is accepted, so a replayed or duplicated update finds nothing to answer.
+Before it answers a push, the server runs the engine's own update check (installed through
+:meth:`GrpcTransport.check_updates`), so the client hears ``REFUSED`` for anything the engine
+would reject, and that task is consumed.
 A client that stops sending signs of life for ``stall_timeout`` seconds turns into a
 :class:`~fedlab.transport.Failure`, so no client can block a run.
 """
@@ -30,7 +33,7 @@ import grpc
 import torch
 
 from fedlab.proto import fedlab_pb2 as pb
-from fedlab.transport import Failure
+from fedlab.transport import Checked, Failure, UpdateCheck
 from fedlab.transport.admission import Gate
 from fedlab.transport.codec import Assembler, Chunk, WireError, decode, encode, payload_bytes
 from fedlab.transport.security import Policy, check_run_id
@@ -145,7 +148,7 @@ class GrpcTransport:
         self.joined: set[ClientId] = set()
         self._cond = threading.Condition()
         self._tasks: dict[ClientId, _Assignment] = {}
-        self._events: collections.deque[Update | Failure] = collections.deque()
+        self._events: collections.deque[Update | Checked | Failure] = collections.deque()
         self._restored: dict[ClientId, tuple[int, str]] = {}
         self._finished = False
         self._told: set[ClientId] = set()
@@ -154,6 +157,7 @@ class GrpcTransport:
         self._offset = 0.0
         self._encoded: _Encoded | None = None
         self._encoding = threading.Lock()
+        self._check: UpdateCheck | None = None
         self._gate = Gate(policy, stall_timeout=stall_timeout, log=log, on_admit=self._saw)
         # Every call holds a worker thread while it waits (long-polls, reads, sends): the pool
         # has room for every client at the gate's per-client limit, so none can starve another.
@@ -198,14 +202,22 @@ class GrpcTransport:
             )
             self._cond.notify_all()
 
-    def next_update(self, timeout: float | None) -> Update | Failure | None:
+    def check_updates(self, check: UpdateCheck) -> None:
+        """Run ``check`` on every update before answering its client (see :meth:`push`).
+
+        ``check`` returns the decoded update or why it is rejected; it is called on gRPC
+        handler threads, so it must only read what it shares with the engine thread.
+        """
+        self._check = check
+
+    def next_update(self, timeout: float | None) -> Update | Checked | Failure | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 self._expire()
                 if self._events:
                     event = self._events.popleft()
-                    if isinstance(event, Update):
+                    if not isinstance(event, Failure):
                         # The engine has it now: its upload slot goes to the next client.
                         self._uploads.release()
                     return event
@@ -392,30 +404,53 @@ class GrpcTransport:
             payload, metrics = self._receive(cid, h, a.limit, first, chunks)
         except WireError as e:
             self._uploads.release()
+            if not context.is_active():
+                # Cut for stalling (the stream then reads as ended) or cancelled by the client:
+                # no verdict on an update that never fully arrived, and the task stays its own.
+                context.abort(grpc.StatusCode.CANCELLED, "the upload was cut")
             return self._refuse_update(context, cid, h, str(e))
         except BaseException:
             self._uploads.release()
             raise
+        update = Update(
+            client_id=cid,
+            version=int(h.version),
+            payload=payload,
+            num_examples=int(h.num_examples),
+            metrics=metrics,
+        )
+        event = self._checked(update)
+        if isinstance(event, str):
+            self._uploads.release()
+            return self._refuse_update(context, cid, h, event)
         with self._cond:
             # The assignment may have expired, or a duplicate upload may have won meanwhile.
             now = self._tasks.get(cid)
             reason = self._unassigned(cid, now, h.version, h.task_id)
             if reason is None:
                 del self._tasks[cid]
-                self._events.append(
-                    Update(
-                        client_id=cid,
-                        version=int(h.version),
-                        payload=payload,
-                        num_examples=int(h.num_examples),
-                        metrics=metrics,
-                    )
-                )
+                self._events.append(event)
                 self._cond.notify_all()
         if reason is not None:
             self._uploads.release()
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, reason)
         return pb.PushReply(accepted=True, status=pb.PushReply.ACCEPTED)
+
+    def _checked(self, update: Update) -> Update | Checked | str:
+        """``update`` passed through the engine's check: why it is rejected, or what goes to
+        the engine (with the decoded update, when there is a check).
+
+        An error inside the check itself is no verdict on the client: the update goes to the
+        engine as received, which decodes and validates it on its own thread and reports the
+        error there.
+        """
+        if self._check is None:
+            return update
+        try:
+            verdict = self._check(update)
+        except Exception:
+            return update
+        return verdict if isinstance(verdict, str) else Checked(update, verdict)
 
     def _refuse_update(
         self, context: grpc.ServicerContext, cid: ClientId, h: pb.UpdateHeader, reason: str
@@ -426,12 +461,12 @@ class GrpcTransport:
         fast as the client trains; consumed, the engine counts it as rejected and may hand
         the client a new one.
         """
+        self._note_refusal(context, reason)  # counted before the engine can hear of it
         with self._cond:
             if self._unassigned(cid, self._tasks.get(cid), h.version, h.task_id) is None:
                 del self._tasks[cid]
                 self._events.append(Failure(cid, int(h.version), reason, refused=True))
                 self._cond.notify_all()
-        self._note_refusal(context, reason)
         return pb.PushReply(accepted=False, status=pb.PushReply.REFUSED, reason=reason)
 
     def _receive(
