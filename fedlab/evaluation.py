@@ -1,0 +1,250 @@
+"""Federated evaluation: the global model on sampled clients' own test splits, and after
+personalisation.
+
+Researchers report how a federated model does for each client, not only on one pooled test
+set: its mean over clients, the tail (10th percentile) and the worst client, weighted by
+examples and unweighted. :class:`FederatedEvaluator` is a callback, like
+:class:`~fedlab.callbacks.Evaluator`: evaluation is never strategy code, and it runs every
+``eval_every`` versions and at the last one.
+
+With ``personalize = K``, each evaluated client also fine-tunes the global model for ``K`` local
+SGD steps on its own training split (the run's learning rate and batch size, the client half's
+:class:`~fedlab.clients.sgd.LocalSGD` loop) and is tested again: the FedAvg+FT baseline. The
+figures of that model carry the prefix ``personalized_``.
+
+Which clients are evaluated at version ``v`` is drawn from the stream
+``(seed, EVAL_SAMPLE, v)``; the minibatch order of client ``k``'s personalisation from
+``(seed, PERSONALIZE, v, k)``. Neither touches a training stream, so turning evaluation on
+changes no trained number.
+
+Clients are evaluated in this process, one after another on one model (on ``config.device``),
+not on the run's executor: the executor's workers serve training tasks only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedlab import seeding
+from fedlab.client import ClientContext, load_params
+from fedlab.data.base import ClientData
+from fedlab.types import Params, Task
+
+if TYPE_CHECKING:
+    from fedlab.data import Workload
+    from fedlab.engine import Engine
+
+PERSONALIZED = "personalized_"
+
+
+@dataclass(frozen=True)
+class ClientScore:
+    """One client's test figures.
+
+    Attributes:
+        client_id: the client.
+        examples: its test examples.
+        accuracy: share of them classified correctly.
+        loss: their mean cross-entropy.
+    """
+
+    client_id: int
+    examples: int
+    accuracy: float
+    loss: float
+
+
+def quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
+    """The ``q``-quantile of ``values`` under ``weights``: the smallest value whose cumulative
+    weight share reaches ``q`` (NumPy's ``inverted_cdf``; with equal weights, the
+    ``ceil(q n)``-th smallest value). Always the figure of a real client, never interpolated.
+    """
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    v = np.asarray(values, dtype=np.float64)[order]
+    w = np.asarray(weights, dtype=np.float64)[order]
+    share = np.cumsum(w) / w.sum()
+    # A tolerance so that, e.g., 3 of 30 equal weights counts as reaching 0.1 exactly.
+    return float(v[int(np.searchsorted(share, q - 1e-12, side="left"))])
+
+
+def summarize(scores: Sequence[ClientScore], prefix: str = "") -> dict[str, float]:
+    """The columns a metrics row gets for ``scores`` (see the module docstring).
+
+    Accuracy: ``client_accuracy_mean`` (over clients), ``client_accuracy_wmean`` (over
+    examples), ``client_accuracy_p10`` / ``_wp10`` (10th percentile over clients / examples)
+    and ``client_accuracy_min`` (the worst client). Loss, whose bad tail is the high one:
+    ``client_loss_mean``, ``_wmean``, ``_p90``, ``_wp90`` and ``client_loss_max``.
+    ``clients_evaluated`` counts the clients with at least one test example; clients without
+    any are left out.
+    """
+    kept = [s for s in scores if s.examples > 0]
+    out: dict[str, float] = {f"{prefix}clients_evaluated": len(kept)}
+    if not kept:
+        return out
+    ones = [1.0] * len(kept)
+    n = [float(s.examples) for s in kept]
+    for name, tail, worst in (("accuracy", 0.1, min), ("loss", 0.9, max)):
+        values = [getattr(s, name) for s in kept]
+        pct = round(100 * tail)
+        col = f"{prefix}client_{name}"
+        out[f"{col}_mean"] = sum(values) / len(values)
+        out[f"{col}_wmean"] = sum(v * k for v, k in zip(values, n, strict=True)) / sum(n)
+        out[f"{col}_p{pct}"] = quantile(values, ones, tail)
+        out[f"{col}_wp{pct}"] = quantile(values, n, tail)
+        out[f"{col}_{worst.__name__}"] = worst(values)
+    return out
+
+
+@dataclass(frozen=True)
+class _PersonalizeContext(ClientContext):
+    """A client context whose minibatch stream is ``(seed, PERSONALIZE, version, client)``."""
+
+    def generator(self, version: int) -> torch.Generator:
+        return seeding.torch_generator(self.seed, seeding.PERSONALIZE, version, self.client_id)
+
+
+def sample_clients(seed: int, version: int, num_clients: int, count: int) -> list[int]:
+    """The clients evaluated at ``version``: all when ``count >= num_clients``, else ``count``
+    drawn without replacement from ``(seed, EVAL_SAMPLE, version)``, sorted."""
+    if count >= num_clients:
+        return list(range(num_clients))
+    rng = seeding.numpy_rng(seed, seeding.EVAL_SAMPLE, version)
+    return seeding.sample_without_replacement(rng, num_clients, count)
+
+
+class FederatedEvaluator:
+    """The global model on sampled clients' own test splits (and after personalisation).
+
+    Args:
+        workload: the model architecture and each client's ``train`` and ``test`` splits.
+        clients: clients evaluated per evaluation (at least 1; all when it reaches the
+            workload's ``num_clients``).
+        seed: the run seed (the sampling and personalisation streams derive from it).
+        personalize: local SGD steps of fine-tuning before the personalised test (0: none).
+        lr: the personalisation learning rate (the run's).
+        batch_size: the personalisation batch size (the run's; 0: full batch).
+        drop_last: the run's ``drop_last``.
+        every: evaluate every ``every`` versions (and always at ``final``).
+        final: the last version of the run.
+        device: where to evaluate.
+        eval_batch: test examples per forward pass.
+
+    Raises:
+        ValueError: the workload evaluates itself (no classification accuracy), or the
+            counts are out of range.
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        *,
+        clients: int,
+        seed: int,
+        personalize: int = 0,
+        lr: float = 0.1,
+        batch_size: int = 32,
+        drop_last: bool = False,
+        every: int = 1,
+        final: int = 0,
+        device: str = "cpu",
+        eval_batch: int = 1024,
+    ) -> None:
+        if callable(getattr(workload, "evaluate", None)):
+            raise ValueError(
+                f"workload {workload.name!r} evaluates itself (it has no classification "
+                "accuracy): --eval-clients and --personalize need a classification workload"
+            )
+        if clients < 1 or personalize < 0:
+            raise ValueError(
+                f"federated evaluation needs clients >= 1 and personalize >= 0, got "
+                f"{clients} and {personalize}"
+            )
+        from fedlab.clients.sgd import LocalSGD
+
+        self.workload = workload
+        self.clients = min(clients, workload.num_clients)
+        self.seed = seed
+        self.personalize = personalize
+        self.every = every
+        self.final = final
+        self.device = torch.device(device)
+        self.eval_batch = eval_batch
+        self.model = workload.make_model().to(self.device)
+        self._slots = dict(self.model.state_dict())
+        self.sgd = LocalSGD(
+            lr=lr,
+            local_steps=max(personalize, 1),
+            local_epochs=0,
+            batch_size=batch_size,
+            drop_last=drop_last,
+        )
+        # The figures of the last evaluation, so the run's summary does not evaluate twice.
+        self._last: tuple[int, dict[str, float]] | None = None
+
+    def _data(self, client_id: int, split: str) -> ClientData:
+        data = self.workload.client_data(client_id, split)
+        if self.device.type != "cpu":
+            data = dataclasses.replace(data, x=data.x.to(self.device), y=data.y.to(self.device))
+        return data
+
+    def _score(self, client_id: int, data: ClientData) -> ClientScore:
+        """The model as it stands, on ``data``."""
+        self.model.eval()
+        loss = 0.0
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(data), self.eval_batch):
+                out = self.model(data.x[i : i + self.eval_batch])
+                y = data.y[i : i + self.eval_batch]
+                loss += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(1) == y).sum())
+        n = len(data)
+        return ClientScore(
+            client_id=client_id,
+            examples=n,
+            accuracy=correct / n if n else math.nan,
+            loss=loss / n if n else math.nan,
+        )
+
+    def scores(self, params: Params, version: int) -> tuple[list[ClientScore], list[ClientScore]]:
+        """Each sampled client's figures for ``params`` at ``version``: global, and
+        personalised (empty without ``personalize``)."""
+        global_scores: list[ClientScore] = []
+        personal: list[ClientScore] = []
+        for cid in sample_clients(self.seed, version, self.workload.num_clients, self.clients):
+            load_params(self._slots, params)
+            test = self._data(cid, "test")
+            global_scores.append(self._score(cid, test))
+            if not self.personalize:
+                continue
+            train = self._data(cid, "train")
+            if len(train):
+                task = Task(version=version, params=params)
+                ctx = _PersonalizeContext(client_id=cid, seed=self.seed, device=self.device)
+                self.sgd.fit(self.model, train, task, None, ctx)
+            personal.append(self._score(cid, test))
+        return global_scores, personal
+
+    def evaluate(self, params: Params, version: int) -> dict[str, float]:
+        """The metrics-row columns for ``params`` at ``version`` (see :func:`summarize`)."""
+        if self._last is not None and self._last[0] == version:
+            return dict(self._last[1])
+        global_scores, personal = self.scores(params, version)
+        row = summarize(global_scores)
+        if self.personalize:
+            row.update(summarize(personal, PERSONALIZED))
+        self._last = (version, row)
+        return dict(row)
+
+    def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
+        v = engine.version
+        if v % self.every == 0 or v == self.final:
+            row.update(self.evaluate(engine.params, v))
