@@ -3,7 +3,8 @@ personalisation.
 
 Researchers report how a federated model does for each client, not only on one pooled test
 set: its mean over clients, the tail (10th percentile) and the worst client, weighted by
-examples and unweighted. :class:`FederatedEvaluator` is a callback, like
+examples and unweighted (for the workload's declared objective: accuracy and loss for
+classification, ``mae`` and loss for regression). :class:`FederatedEvaluator` is a callback, like
 :class:`~fedlab.callbacks.Evaluator`: evaluation is never strategy code, and it runs every
 ``eval_every`` versions and at the last one.
 
@@ -24,18 +25,18 @@ not on the run's executor: the executor's workers serve training tasks only.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedlab import seeding
+from fedlab.callbacks import evaluate_model
 from fedlab.client import ClientContext, load_params
 from fedlab.data.base import ClientData
+from fedlab.objectives import CLASSIFICATION, Objective, objective_of
 from fedlab.types import Params, Task
 
 if TYPE_CHECKING:
@@ -52,14 +53,13 @@ class ClientScore:
     Attributes:
         client_id: the client.
         examples: its test examples.
-        accuracy: share of them classified correctly.
-        loss: their mean cross-entropy.
+        values: the mean of each of the objective's metrics over them (classification:
+            ``accuracy``) and their mean ``loss``.
     """
 
     client_id: int
     examples: int
-    accuracy: float
-    loss: float
+    values: Mapping[str, float]
 
 
 def quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
@@ -75,15 +75,18 @@ def quantile(values: Sequence[float], weights: Sequence[float], q: float) -> flo
     return float(v[int(np.searchsorted(share, q - 1e-12, side="left"))])
 
 
-def summarize(scores: Sequence[ClientScore], prefix: str = "") -> dict[str, float]:
+def summarize(
+    scores: Sequence[ClientScore], objective: Objective = CLASSIFICATION, prefix: str = ""
+) -> dict[str, float]:
     """The columns a metrics row gets for ``scores`` (see the module docstring).
 
-    Accuracy: ``client_accuracy_mean`` (over clients), ``client_accuracy_wmean`` (over
+    Classification: ``client_accuracy_mean`` (over clients), ``client_accuracy_wmean`` (over
     examples), ``client_accuracy_p10`` / ``_wp10`` (10th percentile over clients / examples)
     and ``client_accuracy_min`` (the worst client). Loss, whose bad tail is the high one:
-    ``client_loss_mean``, ``_wmean``, ``_p90``, ``_wp90`` and ``client_loss_max``.
-    ``clients_evaluated`` counts the clients with at least one test example; clients without
-    any are left out.
+    ``client_loss_mean``, ``_wmean``, ``_p90``, ``_wp90`` and ``client_loss_max``. Every
+    metric of the objective gets the same five columns, its tail on its bad side (regression's
+    ``mae`` like the loss). ``clients_evaluated`` counts the clients with at least one test
+    example; clients without any are left out.
     """
     kept = [s for s in scores if s.examples > 0]
     out: dict[str, float] = {f"{prefix}clients_evaluated": len(kept)}
@@ -91,8 +94,10 @@ def summarize(scores: Sequence[ClientScore], prefix: str = "") -> dict[str, floa
         return out
     ones = [1.0] * len(kept)
     n = [float(s.examples) for s in kept]
-    for name, tail, worst in (("accuracy", 0.1, min), ("loss", 0.9, max)):
-        values = [getattr(s, name) for s in kept]
+    tails = [(name, 0.1 if higher else 0.9) for name, higher in objective.metrics]
+    for name, tail in [*tails, ("loss", 0.9)]:
+        worst = min if tail < 0.5 else max
+        values = [s.values[name] for s in kept]
         pct = round(100 * tail)
         col = f"{prefix}client_{name}"
         out[f"{col}_mean"] = sum(values) / len(values)
@@ -159,8 +164,9 @@ class FederatedEvaluator:
     ) -> None:
         if callable(getattr(workload, "evaluate", None)):
             raise ValueError(
-                f"workload {workload.name!r} evaluates itself (it has no classification "
-                "accuracy): --eval-clients and --personalize need a classification workload"
+                f"workload {workload.name!r} evaluates itself (its own evaluate(), not per "
+                "client): --eval-clients and --personalize need a workload whose clients have "
+                "test splits (built-in or custom data)"
             )
         if clients < 1 or personalize < 0:
             raise ValueError(
@@ -170,6 +176,7 @@ class FederatedEvaluator:
         from fedlab.clients.sgd import LocalSGD
 
         self.workload = workload
+        self.objective = objective_of(workload)
         self.clients = min(clients, workload.num_clients)
         self.seed = seed
         self.personalize = personalize
@@ -197,22 +204,8 @@ class FederatedEvaluator:
 
     def _score(self, client_id: int, data: ClientData) -> ClientScore:
         """The model as it stands, on ``data``."""
-        self.model.eval()
-        loss = 0.0
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(data), self.eval_batch):
-                out = self.model(data.x[i : i + self.eval_batch])
-                y = data.y[i : i + self.eval_batch]
-                loss += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
-        n = len(data)
-        return ClientScore(
-            client_id=client_id,
-            examples=n,
-            accuracy=correct / n if n else math.nan,
-            loss=loss / n if n else math.nan,
-        )
+        values = evaluate_model(self.model, data.x, data.y, self.objective, self.eval_batch)
+        return ClientScore(client_id=client_id, examples=len(data), values=values)
 
     def scores(self, params: Params, version: int) -> tuple[list[ClientScore], list[ClientScore]]:
         """Each sampled client's figures for ``params`` at ``version``: global, and
@@ -228,7 +221,9 @@ class FederatedEvaluator:
             train = self._data(cid, "train")
             if len(train):
                 task = Task(version=version, params=params)
-                ctx = _PersonalizeContext(client_id=cid, seed=self.seed, device=self.device)
+                ctx = _PersonalizeContext(
+                    client_id=cid, seed=self.seed, device=self.device, objective=self.objective
+                )
                 self.sgd.fit(self.model, train, task, None, ctx)
             personal.append(self._score(cid, test))
         return global_scores, personal
@@ -238,9 +233,9 @@ class FederatedEvaluator:
         if self._last is not None and self._last[0] == version:
             return dict(self._last[1])
         global_scores, personal = self.scores(params, version)
-        row = summarize(global_scores)
+        row = summarize(global_scores, self.objective)
         if self.personalize:
-            row.update(summarize(personal, PERSONALIZED))
+            row.update(summarize(personal, self.objective, PERSONALIZED))
         self._last = (version, row)
         return dict(row)
 

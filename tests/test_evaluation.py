@@ -50,13 +50,13 @@ def test_quantiles_are_the_inverted_cdf_by_hand() -> None:
 
 def test_summarize_by_hand() -> None:
     scores = [
-        ClientScore(client_id=0, examples=10, accuracy=0.5, loss=1.0),
-        ClientScore(client_id=1, examples=1, accuracy=0.9, loss=0.2),
-        ClientScore(client_id=2, examples=1, accuracy=0.7, loss=0.4),
-        ClientScore(client_id=3, examples=1, accuracy=0.2, loss=2.0),
-        ClientScore(client_id=4, examples=0, accuracy=math.nan, loss=math.nan),  # left out
+        ClientScore(client_id=0, examples=10, values={"accuracy": 0.5, "loss": 1.0}),
+        ClientScore(client_id=1, examples=1, values={"accuracy": 0.9, "loss": 0.2}),
+        ClientScore(client_id=2, examples=1, values={"accuracy": 0.7, "loss": 0.4}),
+        ClientScore(client_id=3, examples=1, values={"accuracy": 0.2, "loss": 2.0}),
+        ClientScore(4, examples=0, values={"accuracy": math.nan, "loss": math.nan}),  # left out
     ]
-    row = summarize(scores, "personalized_")
+    row = summarize(scores, prefix="personalized_")
     assert row == pytest.approx(
         {
             "personalized_clients_evaluated": 4,
