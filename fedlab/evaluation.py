@@ -25,8 +25,10 @@ not on the run's executor: the executor's workers serve training tasks only.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from fedlab.engine import Engine
 
 PERSONALIZED = "personalized_"
+CLIENT_METRICS = "client_metrics.jsonl"
+"""Each evaluated client's figures, one JSON line per client per evaluation, in the run
+directory: what ``fedlab plot --clients`` draws distributions from."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class FederatedEvaluator:
         final: the last version of the run.
         device: where to evaluate.
         eval_batch: test examples per forward pass.
+        path: where to append each evaluated client's figures (:data:`CLIENT_METRICS` in the
+            run directory; ``None``: nowhere).
 
     Raises:
         ValueError: the workload evaluates itself (no classification accuracy), or the
@@ -161,6 +168,7 @@ class FederatedEvaluator:
         final: int = 0,
         device: str = "cpu",
         eval_batch: int = 1024,
+        path: str | Path | None = None,
     ) -> None:
         if callable(getattr(workload, "evaluate", None)):
             raise ValueError(
@@ -193,8 +201,9 @@ class FederatedEvaluator:
             batch_size=batch_size,
             drop_last=drop_last,
         )
+        self.path = Path(path) if path is not None else None
         # The figures of the last evaluation, so the run's summary does not evaluate twice.
-        self._last: tuple[int, dict[str, float]] | None = None
+        self._last: tuple[int, dict[str, float], list[dict[str, Any]]] | None = None
 
     def _data(self, client_id: int, split: str) -> ClientData:
         data = self.workload.client_data(client_id, split)
@@ -230,16 +239,33 @@ class FederatedEvaluator:
 
     def evaluate(self, params: Params, version: int) -> dict[str, float]:
         """The metrics-row columns for ``params`` at ``version`` (see :func:`summarize`)."""
+        return dict(self._evaluate(params, version)[0])
+
+    def _evaluate(
+        self, params: Params, version: int
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The row's columns and each client's line for :data:`CLIENT_METRICS`."""
         if self._last is not None and self._last[0] == version:
-            return dict(self._last[1])
+            return self._last[1], self._last[2]
         global_scores, personal = self.scores(params, version)
         row = summarize(global_scores, self.objective)
+        lines = [
+            {"version": version, "client": s.client_id, "examples": s.examples, **s.values}
+            for s in global_scores
+        ]
         if self.personalize:
             row.update(summarize(personal, self.objective, PERSONALIZED))
-        self._last = (version, row)
-        return dict(row)
+            for line, s in zip(lines, personal, strict=True):
+                line.update({PERSONALIZED + k: v for k, v in s.values.items()})
+        lines = [line for line in lines if line["examples"] > 0]  # as summarize leaves them out
+        self._last = (version, row, lines)
+        return row, lines
 
     def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
         v = engine.version
         if v % self.every == 0 or v == self.final:
-            row.update(self.evaluate(engine.params, v))
+            columns, lines = self._evaluate(engine.params, v)
+            row.update(columns)
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in lines)

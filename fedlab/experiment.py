@@ -31,7 +31,7 @@ from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.callbacks import read_metrics as read_metrics_log
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
 from fedlab.engine import CHECKPOINT, PREVIOUS, Callback, Engine
-from fedlab.evaluation import FederatedEvaluator
+from fedlab.evaluation import CLIENT_METRICS, FederatedEvaluator
 from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.types import Params
 
@@ -54,6 +54,8 @@ RUN_FILES = (
     CHECKPOINT + ".new.tmp",
     METRICS,
     METRICS + ".tmp",
+    CLIENT_METRICS,
+    CLIENT_METRICS + ".tmp",
     SUMMARY,
     interchange.MODEL,
     interchange.MODEL + ".tmp",
@@ -395,6 +397,7 @@ def _run(
             every=config.eval_every,
             final=config.rounds,
             device=config.device,
+            path=run_dir / CLIENT_METRICS,
         )
         evaluators.append(federated)
     # A deployed server folds FedAvg-family updates as they arrive: its memory must not grow
@@ -426,8 +429,9 @@ def _run(
     stopped = ""
     try:
         if resume:
-            for w in metrics.truncate(engine.version):
-                say(f"fedlab: warning: {w}")
+            for log in (metrics, MetricsLog(run_dir / CLIENT_METRICS)):
+                for w in log.truncate(engine.version):
+                    say(f"fedlab: warning: {w}")
         else:
             (run_dir / CONFIG).write_text(config.to_toml())
             engine.save_checkpoint()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from fedlab import experiment
 from fedlab.cli import main
 from fedlab.client import load_params
 from fedlab.config import ConfigError, RunConfig
-from fedlab.evaluation import ClientScore, FederatedEvaluator, quantile, sample_clients, summarize
+from fedlab.evaluation import (
+    CLIENT_METRICS,
+    ClientScore,
+    FederatedEvaluator,
+    quantile,
+    sample_clients,
+    summarize,
+)
 from fedlab.sim import build_workload
 
 TINY: dict[str, Any] = dict(clients=6, fraction=0.5, local_steps=3, seed=5)
@@ -236,3 +244,35 @@ def test_a_deployed_server_refuses_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only a simulation holds"):
         experiment.run(config, command="server")
     assert not (tmp_path / "s").exists()
+
+
+def test_each_clients_figures_are_kept_and_plotted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    history = fedlab.simulate(rounds=2, out=str(out), eval_clients=4, personalize=2, **TINY)
+    lines = [json.loads(x) for x in (out / CLIENT_METRICS).read_text().splitlines()]
+    assert [line["version"] for line in lines] == [1] * 4 + [2] * 4
+    last = [line for line in lines if line["version"] == 2]
+    assert [line["client"] for line in last] == sample_clients(TINY["seed"], 2, 6, 4)
+    # The row's figures are those of the lines: the file is what the columns summarise.
+    scores = [
+        ClientScore(line["client"], line["examples"], {"accuracy": line["accuracy"],
+                                                       "loss": line["loss"]})
+        for line in last
+    ]  # fmt: skip
+    assert summarize(scores) == pytest.approx(
+        {k: v for k, v in history.rows[-1].items() if k in summarize(scores)}
+    )
+    # A resumed run rewrites the lines past its checkpoint once, not twice.
+    fedlab.simulate(resume=str(out), rounds=3)
+    lines = [json.loads(x) for x in (out / CLIENT_METRICS).read_text().splitlines()]
+    assert [line["version"] for line in lines] == [1] * 4 + [2] * 4 + [3] * 4
+    figure = tmp_path / "clients.svg"
+    assert main(["plot", str(out), "--clients", "accuracy", "-o", str(figure)]) == 0
+    assert figure.read_text().startswith("<?xml")
+    assert main(["plot", str(out), "--clients", "acuracy", "-o", str(figure)]) == 2
+    assert "no run has the per-client metric 'acuracy'" in capsys.readouterr().err
+    plain = fedlab.simulate(rounds=1, out=str(tmp_path / "p"), **TINY)
+    assert main(["plot", str(plain.run_dir), "--clients", "accuracy", "-o", str(figure)]) == 2
+    assert "made with --eval-clients" in capsys.readouterr().err
