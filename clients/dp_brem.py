@@ -77,14 +77,15 @@ class DPBREMClient(ClientAlgorithm):
                 return out
 
             model.train()
-            per, losses, logits = privacy.per_record_grads(forward, params, x, y)
+            objective = ctx.objective  # the workload's declared loss and metrics
+            per, losses, logits = privacy.per_record_grads(forward, params, x, y, objective.loss)
             clipped, norms = privacy.clip_per_record(per, clip)
             # Divide by the configured B, not len(idx): the strategy's sensitivity 2R/B then
             # holds for every client, however few records it has.
             g = {k: c.sum(0) / bs for k, c in zip(trainable, clipped, strict=True)}
             metrics = {
                 "loss": float(losses.mean()),
-                "accuracy": float((logits.argmax(1) == y).float().mean()),
+                **{k: float(v.mean()) for k, v in objective.example_scores(logits, y).items()},
                 "clipped": float((norms > clip).double().mean()),
             }
         ref = model.state_dict()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -28,6 +27,7 @@ from fedlab.client import (
     minibatches,
 )
 from fedlab.data import ClientData
+from fedlab.objectives import CLASSIFICATION, Objective
 from fedlab.privacy import Forward
 from fedlab.types import Params, State, Task
 
@@ -80,11 +80,12 @@ class _SampleDP:
         x: torch.Tensor,
         y: torch.Tensor,
         noise: torch.Generator,
+        objective: Objective = CLASSIFICATION,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
         """``(Σ clip(g_j) + N(0, σ²C²)) / L``, the per-record losses and logits, and how many
         records were clipped."""
         if len(x) > 0:
-            grads, losses, out = privacy.per_record_grads(forward, params, x, y)
+            grads, losses, out = privacy.per_record_grads(forward, params, x, y, objective.loss)
             clipped, norms = privacy.clip_per_record(grads, self.clip)
             total = [g.sum(0) for g in clipped]
             n_clipped = int((norms > self.clip).sum())
@@ -258,9 +259,10 @@ class LocalSGD(ClientAlgorithm):
             else minibatches(n, bs_eff, steps, gen, drop_last=plan.drop_last)
         )
         noise = seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
+        objective = ctx.objective  # the workload's loss and metrics
         buffers: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=data.x.device)
-        correct = torch.zeros((), device=data.x.device, dtype=torch.long)
+        score_sums = {name: torch.zeros((), device=data.x.device) for name, _ in objective.metrics}
         seen = clipped = 0
         for idx in batches:
             idx = idx.to(data.x.device)
@@ -269,11 +271,11 @@ class LocalSGD(ClientAlgorithm):
                 x = data.augment(x, gen)
             if dp is None:
                 out = forward(params, x)
-                loss = F.cross_entropy(out, y)
+                loss = objective.loss(out, y)
                 grads: Sequence[torch.Tensor] = torch.autograd.grad(loss, list(params))
                 loss_sum += loss.detach() * len(idx)
             else:
-                grads, losses, out, c = dp.gradient(forward, params, x, y, noise)
+                grads, losses, out, c = dp.gradient(forward, params, x, y, noise, objective)
                 loss_sum += losses.sum()
                 clipped += c
             with torch.no_grad():
@@ -293,12 +295,11 @@ class LocalSGD(ClientAlgorithm):
                 for p, g in zip(params, grads, strict=True):
                     p.add_(g, alpha=-lr)
             if len(idx):
-                correct += (out.detach().argmax(1) == y).sum()
+                for name, value in objective.example_scores(out.detach(), y).items():
+                    score_sums[name] += value.sum()
             seen += len(idx)
-        metrics = {
-            "loss": float(loss_sum) / max(seen, 1),
-            "accuracy": float(correct) / max(seen, 1),
-        }
+        metrics = {"loss": float(loss_sum) / max(seen, 1)}
+        metrics.update({name: float(s) / max(seen, 1) for name, s in score_sums.items()})
         if dp is None:
             return metrics, state
         return dp_result(dp, steps, metrics, float(clipped) / max(seen, 1), state)

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedlab.client import load_params
+from fedlab.objectives import CLASSIFICATION, Objective, objective_of
 from fedlab.types import Params
 
 if TYPE_CHECKING:
@@ -54,32 +56,45 @@ class Evaluator:
         self._own: Callable[[Params], Mapping[str, float]] | None = own if callable(own) else None
         if self._own is not None:
             return
+        self.objective = objective_of(workload)
         self.model = workload.make_model().to(self.device)
         self._slots = dict(self.model.state_dict())
         test = workload.test_data()
         self.x, self.y = test.x.to(self.device), test.y.to(self.device)
 
     def evaluate(self, params: Params) -> dict[str, float]:
-        """Test accuracy and mean cross-entropy loss of ``params`` (or the workload's own)."""
+        """The test metrics and mean loss of ``params`` under the workload's objective
+        (classification: accuracy and cross-entropy), or the workload's own evaluation."""
         if self._own is not None:
             return {k: float(v) for k, v in self._own(params).items()}
         load_params(self._slots, params)
-        self.model.eval()
-        loss = 0.0
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(self.y), self.batch_size):
-                out = self.model(self.x[i : i + self.batch_size])
-                y = self.y[i : i + self.batch_size]
-                loss += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
-        n = max(len(self.y), 1)
-        return {"accuracy": correct / n, "loss": loss / n}
+        return evaluate_model(self.model, self.x, self.y, self.objective, self.batch_size)
 
     def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
         v = engine.version
         if v % self.every == 0 or v == self.final:
             row.update(self.evaluate(engine.params))
+
+
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, batch_size: int
+) -> dict[str, float]:
+    """``model``'s mean metrics and ``loss`` on ``(x, y)`` under ``objective``, in eval mode."""
+    model.eval()
+    totals = dict.fromkeys([name for name, _ in objective.metrics] + ["loss"], 0.0)
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            out = model(x[i : i + batch_size])
+            yb = y[i : i + batch_size]
+            if objective is CLASSIFICATION:  # exact counts, as before objectives existed
+                totals["loss"] += float(F.cross_entropy(out, yb, reduction="sum"))
+                totals["accuracy"] += int((out.argmax(1) == yb).sum())
+                continue
+            totals["loss"] += float(objective.example_losses(out, yb).sum())
+            for name, value in objective.example_scores(out, yb).items():
+                totals[name] += float(value.sum())
+    n = max(len(y), 1)
+    return {name: total / n for name, total in totals.items()}
 
 
 class MetricsError(ValueError):

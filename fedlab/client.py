@@ -22,6 +22,7 @@ from torch import nn
 
 from fedlab import seeding
 from fedlab.data.base import ClientData
+from fedlab.objectives import CLASSIFICATION, Objective, objective_of
 from fedlab.transforms import Pipeline, TransformContext
 from fedlab.types import ClientId, Metrics, Params, State, Task, Update
 
@@ -81,11 +82,13 @@ class ClientContext:
         client_id: the client being simulated or served.
         seed: the run seed; ``generator()`` derives the stream for ``(seed, version, client)``.
         device: where the model lives.
+        objective: the loss and metrics the workload declares (classification by default).
     """
 
     client_id: ClientId
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    objective: Objective = CLASSIFICATION
 
     def generator(self, version: int) -> torch.Generator:
         """The training stream of this client at ``version`` (CPU generator)."""
@@ -225,6 +228,7 @@ class ClientRuntime:
         self.pipeline = pipeline or Pipeline()
         self.seed = seed
         self.device = torch.device(device)
+        self.objective = objective_of(workload)
         self.model = workload.make_model().to(self.device)
         self._slots = dict(self.model.state_dict(keep_vars=False))
         self.cache_bytes = int(cache_mb * 2**20)
@@ -274,7 +278,9 @@ class ClientRuntime:
 
     def context(self, client_id: ClientId) -> ClientContext:
         """The :class:`ClientContext` this runtime trains ``client_id`` with."""
-        return ClientContext(client_id=client_id, seed=self.seed, device=self.device)
+        return ClientContext(
+            client_id=client_id, seed=self.seed, device=self.device, objective=self.objective
+        )
 
     def data(self, client_id: ClientId) -> ClientData:
         """``client_id``'s training data on this runtime's device (cached)."""

@@ -27,6 +27,8 @@ DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
 TRACKERS = ("tensorboard", "mlflow")
+# ``eval_clients = "all"``: every client (stored as the number of clients).
+ALL = "all"
 
 # Keys that do not change the numbers a run produces: they may differ on resume.
 NOT_FINGERPRINTED = frozenset(
@@ -39,6 +41,8 @@ NOT_FINGERPRINTED = frozenset(
         "cpus_per_worker",
         "gpus_per_worker",
         "eval_every",
+        "eval_clients",
+        "personalize",
         "progress",
         "config",
         "threads",
@@ -117,6 +121,10 @@ class RunConfig:
     compress: str = ""
     compress_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
+    # Federated evaluation (fedlab.evaluation): clients tested on their own test splits per
+    # evaluation (0: off; "all" becomes ``clients``), and local steps of fine-tuning first.
+    eval_clients: int = 0
+    personalize: int = 0
     out: str = ""
     # Experiment tracking (fedlab.tracking): where else the metrics rows go.
     log: str = ""
@@ -144,6 +152,8 @@ class RunConfig:
         # a boolean is not a count and a string is not a number.
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        if self.eval_clients == ALL:  # type: ignore[comparison-overlap]
+            object.__setattr__(self, "eval_clients", self.clients)
         _positive_int(
             self,
             "clients",
@@ -178,6 +188,8 @@ class RunConfig:
             "clip_lr",
             "clip_count_stddev",
             "vmap_chunk",
+            "eval_clients",
+            "personalize",
         )
         _positive(self, "lr", "cpus_per_worker", "speed_mean", "max_grad_norm", "clip_norm")
         if not 0 < self.fraction <= 1:
@@ -203,6 +215,16 @@ class RunConfig:
             raise ConfigError(
                 "attack and byzantine go together: name an attack and a positive byzantine "
                 f"fraction, or neither (got attack {self.attack!r}, byzantine {self.byzantine})"
+            )
+        if self.eval_clients > self.clients:
+            raise ConfigError(
+                f"eval_clients must be at most clients ({self.clients}), got "
+                f"{self.eval_clients}; 'all' evaluates every client"
+            )
+        if self.personalize and not self.eval_clients:
+            raise ConfigError(
+                "personalize fine-tunes the clients that federated evaluation tests: "
+                "give eval_clients too (a number of clients, or 'all')"
             )
         if self.compress_options and not self.compress:
             raise ConfigError("compress_options given without compress: name a codec (--compress)")
@@ -358,6 +380,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name} must be a table, got {value!r}")
         return dict(value)
+    if name == "eval_clients" and value == ALL:
+        return value  # RunConfig makes it the number of clients
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

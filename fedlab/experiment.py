@@ -31,6 +31,7 @@ from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.callbacks import read_metrics as read_metrics_log
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
 from fedlab.engine import CHECKPOINT, PREVIOUS, Callback, Engine
+from fedlab.evaluation import CLIENT_METRICS, FederatedEvaluator
 from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.types import Params
 
@@ -53,6 +54,8 @@ RUN_FILES = (
     CHECKPOINT + ".new.tmp",
     METRICS,
     METRICS + ".tmp",
+    CLIENT_METRICS,
+    CLIENT_METRICS + ".tmp",
     SUMMARY,
     interchange.MODEL,
     interchange.MODEL + ".tmp",
@@ -373,12 +376,36 @@ def _run(
     evaluator = Evaluator(
         workload, every=config.eval_every, final=config.rounds, device=config.device
     )
+    evaluators: list[Callback] = [evaluator]
+    federated: FederatedEvaluator | None = None
+    if config.eval_clients:
+        if command != "simulate":
+            # A deployed server holds no client's data; evaluation on clients would be a task
+            # the clients run, which the protocol does not have.
+            raise ConfigError(
+                f"--eval-clients evaluates on each client's own data, which only a simulation "
+                f"holds: leave it out of fedlab {command}"
+            )
+        federated = FederatedEvaluator(
+            workload,
+            clients=config.eval_clients,
+            seed=config.seed,
+            personalize=config.personalize,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            drop_last=config.drop_last,
+            every=config.eval_every,
+            final=config.rounds,
+            device=config.device,
+            path=run_dir / CLIENT_METRICS,
+        )
+        evaluators.append(federated)
     # A deployed server folds FedAvg-family updates as they arrive: its memory must not grow
     # with the number of clients uploading large models at once.
     engine = build_engine(
         config,
         run_dir=run_dir,
-        callbacks=[evaluator, *callbacks, metrics],
+        callbacks=[*evaluators, *callbacks, metrics],
         workload=workload,
         transport=transport,
         stream=transport is not None,
@@ -402,8 +429,9 @@ def _run(
     stopped = ""
     try:
         if resume:
-            for w in metrics.truncate(engine.version):
-                say(f"fedlab: warning: {w}")
+            for log in (metrics, MetricsLog(run_dir / CLIENT_METRICS)):
+                for w in log.truncate(engine.version):
+                    say(f"fedlab: warning: {w}")
         else:
             (run_dir / CONFIG).write_text(config.to_toml())
             engine.save_checkpoint()
@@ -429,6 +457,8 @@ def _run(
                 bar.close()
             engine.transport.close()
         final = evaluator.evaluate(engine.params)
+        if federated is not None:
+            final.update(federated.evaluate(engine.params, engine.version))
         summary = _summary(engine, config, final, command)
         if stopped:
             summary["stopped"] = stopped

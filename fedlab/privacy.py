@@ -105,9 +105,14 @@ Forward = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def per_record_grads(
-    forward: Forward, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    forward: Forward,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per-record gradients of the cross-entropy loss with respect to ``params``.
+    """Per-record gradients of ``loss_fn(out, y)`` (default: cross-entropy; the workload's
+    objective's loss) with respect to ``params``.
 
     Returns ``(grads, losses, logits)``: ``grads[i]`` has a leading record dimension, and the
     per-record losses and logits come from the same forward passes. Per-record gradients are
@@ -118,7 +123,7 @@ def per_record_grads(
         ps: tuple[torch.Tensor, ...], xr: torch.Tensor, yr: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         out = forward(ps, xr.unsqueeze(0))
-        value = F.cross_entropy(out, yr.unsqueeze(0))
+        value = loss_fn(out, yr.unsqueeze(0))
         return value, (value.detach(), out.detach().squeeze(0))
 
     detached = tuple(p.detach() for p in params)

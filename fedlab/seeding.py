@@ -20,6 +20,10 @@ TRAIN = 2
 CLOCK = 3
 MODEL = 4
 TRANSFORM = 5
+# Federated evaluation (fedlab.evaluation): which clients are evaluated, and the minibatch order
+# of their personalisation steps; apart from TRAIN so evaluating never changes training.
+EVAL_SAMPLE = 6
+PERSONALIZE = 7
 
 
 def derive(*keys: int) -> int:

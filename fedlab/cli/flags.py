@@ -82,6 +82,10 @@ HELP = {
     "compress": "codec applied to every client update: fedzip, float16, int8, topk, or "
     "pkg.mod:Class (empty: none)",
     "eval_every": "evaluate the global model every N versions",
+    "eval_clients": "federated evaluation: test the global model on N sampled clients' own "
+    "test splits (or all), every --eval-every versions; 0: off",
+    "personalize": "with --eval-clients: also fine-tune K local SGD steps on each evaluated "
+    "client's training split and test again (FedAvg+FT); 0: off",
     "log": "also log the run to experiment trackers: tensorboard, mlflow, or both "
     "(comma-separated; each needs its extra, e.g. pip install 'fedlab[tensorboard]')",
     "mlflow_uri": "MLflow tracking URI for --log mlflow (default: an SQLite store in the run "
@@ -129,9 +133,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             flag,
-            type=kind,
+            type=_count_or_all if f.name == "eval_clients" else kind,
             default=None,
-            metavar=f.name.upper(),
+            metavar="N|all" if f.name == "eval_clients" else f.name.upper(),
             help=f"{HELP.get(f.name, '')} (default: {f.default!r})",
         )
     parser.add_argument(
@@ -169,6 +173,18 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a codec option, e.g. z=0.05 or error_feedback=true (repeatable)",
     )
+
+
+def _count_or_all(text: str) -> int | str:
+    """``--eval-clients``: a number of clients, or ``all``."""
+    if text.strip() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of clients or 'all', got {text!r}"
+        ) from None
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Any
 
 from fedlab.callbacks import read_metrics
 from fedlab.config import load_toml
-from fedlab.plots import CUMULATIVE, FORMATS, LABELS, draw, group_seeds
+from fedlab.evaluation import CLIENT_METRICS
+from fedlab.plots import CUMULATIVE, FORMATS, LABELS, draw, draw_clients, group_seeds
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +29,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="version,time",
         help="comma-separated x axes, one column each: version, time, or the cumulative "
         f"megabytes {', '.join(CUMULATIVE)}",
+    )
+    p.add_argument(
+        "--clients",
+        metavar="METRIC",
+        default="",
+        help="instead: the distribution over clients of METRIC (e.g. accuracy) at the last "
+        "federated evaluation (runs made with --eval-clients), personalised dashed",
     )
     p.set_defaults(func=run)
 
@@ -59,6 +67,32 @@ def _config(run_dir: Path) -> dict[str, Any] | None:
     return load_toml(path) if path.exists() else None
 
 
+def _run_clients(args: argparse.Namespace) -> int:
+    """``--clients METRIC``: one distribution per run from its ``client_metrics.jsonl``."""
+    runs = []
+    for r in map(Path, args.runs):
+        path = r / CLIENT_METRICS
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: --clients plots federated evaluation, which a run "
+                "records when made with --eval-clients"
+            )
+        lines, warnings = read_metrics(path)
+        for w in warnings:
+            print(f"fedlab: warning: {w}", file=sys.stderr)
+        if not lines:
+            raise ValueError(f"{path} holds no client yet")
+        runs.append((r.name, lines))
+    known = {k for _, lines in runs for line in lines for k in line} - {"version", "client"}
+    if args.clients not in known:
+        raise ValueError(
+            f"no run has the per-client metric {args.clients!r}; known: {', '.join(sorted(known))}"
+        )
+    draw_clients(runs, args.clients).savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Draw one row of panels per metric, one column per x axis (version and time by default)."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -68,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--x takes {', '.join(LABELS)}; got {args.x!r}")
     if Path(args.output).suffix.lower() not in FORMATS:
         raise ValueError(f"-o must end in {', '.join(FORMATS)}; got {args.output!r}")
+    if args.clients:
+        return _run_clients(args)
     if not metrics:
         raise ValueError(f"--metrics names no metric; got {args.metrics!r}")
     runs = [(Path(r).name, read_rows(Path(r)), _config(Path(r))) for r in args.runs]

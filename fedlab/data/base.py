@@ -72,7 +72,10 @@ class ClientData:
     Attributes:
         x: the features; the first dimension indexes examples. float32 for every built-in
             workload except text, whose ``x`` holds int64 token ids.
-        y: int64 class labels, one per example.
+        y: the targets, one entry per example along the first dimension: int64 class labels
+            ``[N]`` for classification (the default objective), float targets ``[N]`` or
+            ``[N, d]`` for regression, int64 token ids ``[N, T]`` for next-token prediction
+            (see :mod:`fedlab.objectives`).
         augment: an optional random transform of a training batch, ``augment(x, generator)``,
             that the local training loop applies to each batch with the client's training
             stream (CIFAR's crop and flip); ``None`` for no augmentation.
@@ -83,9 +86,9 @@ class ClientData:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.x.dim() == 0 or self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.x.dim() == 0 or self.y.dim() == 0 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(
-                f"ClientData needs x with a leading example dimension and 1-D y of the same "
+                f"ClientData needs x and y with a leading example dimension of the same "
                 f"length, got x{tuple(self.x.shape)} and y{tuple(self.y.shape)}"
             )
 
@@ -111,7 +114,12 @@ class PublicSample:
 
 
 class Workload(Protocol):
-    """A model family plus a federation of clients whose data is built on demand."""
+    """A model family plus a federation of clients whose data is built on demand.
+
+    A workload may declare what its model is trained to do with an ``objective`` attribute
+    (``"regression"``, ``"next-token"``; see :mod:`fedlab.objectives`); without one it is a
+    classification workload.
+    """
 
     name: str
     num_clients: int

@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -103,9 +102,10 @@ def make_client_app(
         with torch.no_grad():
             out = model(data.x.to(rt.device))
             y = data.y.to(rt.device)
-            loss = float(F.cross_entropy(out, y))
-            accuracy = float((out.argmax(1) == y).float().mean())
-        metrics = MetricRecord({NUM_EXAMPLES: len(data), "loss": loss, "accuracy": accuracy})
+            # The workload's declared loss and metrics (classification: cross-entropy, accuracy).
+            loss = float(rt.objective.loss(out, y))
+            scores = {k: float(v.mean()) for k, v in rt.objective.example_scores(out, y).items()}
+        metrics = MetricRecord({NUM_EXAMPLES: len(data), "loss": loss, **scores})
         return Message(RecordDict({METRICS: metrics}), reply_to=message)
 
     @app.query("fedlab")

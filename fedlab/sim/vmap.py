@@ -66,7 +66,7 @@ class VmapExecutor:
         self._queued: dict[ClientId, Job] = {}
         self._done: dict[ClientId, tuple[Update, State]] = {}
         self._announced: set[str] = set()
-        self._model_reason = _model_reason(runtime.model)
+        self._model_reason = _objective_reason(runtime) or _model_reason(runtime.model)
 
     def submit(self, job: Job) -> None:
         if job.client_id in self._queued or job.client_id in self._done:
@@ -157,7 +157,16 @@ def why_not_batched(runtime: ClientRuntime) -> str:
     algorithm = runtime.algorithm
     if not batchable(algorithm):
         return f"client half {type(algorithm).__name__} trains with its own fit()"
-    return _model_reason(runtime.model)
+    return _objective_reason(runtime) or _model_reason(runtime.model)
+
+
+def _objective_reason(runtime: ClientRuntime) -> str:
+    # The batched loop computes cross-entropy and accuracy itself: another objective's loss
+    # would silently be replaced by them.
+    name = runtime.objective.name
+    if name == "classification":
+        return ""
+    return f"the workload's objective is {name!r}; the batched loop trains classification only"
 
 
 def _model_reason(model: nn.Module) -> str:
