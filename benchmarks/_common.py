@@ -69,7 +69,7 @@ def train(
     import torch
 
     from fedlab.callbacks import Evaluator
-    from fedlab.sim import build_engine, build_workload
+    from fedlab.run import build_engine, build_workload
 
     torch.set_num_threads(1)
     workload = workload or build_workload(config)

@@ -72,7 +72,7 @@ def run_one(workload: str, setting: int, seed: int, args: argparse.Namespace) ->
 
     from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine, build_workload
+    from fedlab.run import build_engine, build_workload
 
     torch.set_num_threads(1)
     label, codec, options = settings(args)[setting]
@@ -117,7 +117,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from fedlab import registry
     from fedlab.config import RunConfig
-    from fedlab.sim import build_runtime
+    from fedlab.run import build_runtime
     from fedlab.transforms import TransformContext
 
     torch.set_num_threads(1)

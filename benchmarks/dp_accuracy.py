@@ -36,7 +36,7 @@ def run_one(kind: str, noise: str, z: float, seed: int, args: argparse.Namespace
 
     from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine, build_workload
+    from fedlab.run import build_engine, build_workload
 
     torch.set_num_threads(1)
     common: dict[str, Any] = dict(rounds=args.rounds, seed=seed, local_steps=args.local_steps)

@@ -270,8 +270,8 @@ def flower_worker(args: argparse.Namespace) -> int:
     from fedlab.callbacks import Evaluator
     from fedlab.client import batches_per_pass, minibatches
     from fedlab.config import RunConfig
+    from fedlab.run import build_workload
     from fedlab.seeding import TRAIN, torch_generator
-    from fedlab.sim import build_workload
 
     # RunConfig's defaults are fedlab's: workload, model, synthetic alpha/beta, lr, steps...
     cfg = RunConfig(

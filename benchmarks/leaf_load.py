@@ -112,7 +112,7 @@ def load(data_dir: str, writers: int) -> dict[str, float]:
 def fedavg(data_dir: str, writers: int, versions: int) -> dict[str, float]:
     """Seconds per version of FedAvg, 100 writers per version, sequential backend."""
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     config = RunConfig(
         workload="femnist",

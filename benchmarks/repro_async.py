@@ -39,7 +39,7 @@ from fedlab import optim
 from fedlab.callbacks import Evaluator
 from fedlab.config import RunConfig
 from fedlab.engine import Engine
-from fedlab.sim import build_engine, build_speeds, build_workload
+from fedlab.run import build_engine, build_speeds, build_workload
 from fedlab.strategies.fedfix import FedAsync
 from fedlab.types import Metrics, Params, Round, State, Update
 

@@ -60,7 +60,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
     from fedlab.lora import nbytes
-    from fedlab.sim import build_engine, build_workload
+    from fedlab.run import build_engine, build_workload
     from fedlab.strategy import floating
 
     torch.set_num_threads(1)
@@ -132,7 +132,7 @@ def aggregation_gap(engine: Any, config: Any, workload: Any) -> float:
     import torch
 
     from fedlab.lora import KEYS, effective
-    from fedlab.sim import build_runtime
+    from fedlab.run import build_runtime
     from fedlab.types import Round
 
     strategy, state, params = engine.strategy, engine.state, engine.params

@@ -41,7 +41,7 @@ def run_one(job: tuple[str, float, int, argparse.Namespace]) -> dict[str, Any]:
     from fedlab.callbacks import Evaluator
     from fedlab.config import RunConfig
     from fedlab.data import make_workload
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     method, swap, seed, args = job
     torch.set_num_threads(1)

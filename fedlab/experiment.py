@@ -367,7 +367,7 @@ def _run(
     say: Callable[[str], None],
     started: list[Engine],
 ) -> History:
-    from fedlab.sim import build_engine, build_workload
+    from fedlab.run import build_engine, build_workload
 
     tracking.require(config)  # before anything is written
     run_dir = Path(config.out)

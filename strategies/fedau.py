@@ -241,7 +241,7 @@ class KnownProbability(Strategy):
         if self.probabilities is None:
             raise ValueError(
                 "known-probability needs the true participation probabilities: run it through "
-                "fedlab.sim.build_engine with a participation model that defines them "
+                "fedlab.run.build_engine with a participation model that defines them "
                 "(bernoulli, cyclic, markov, trace), or pass probabilities=..."
             )
         n = round.num_clients

@@ -115,7 +115,7 @@ class FedStale(Strategy):
         if self.probabilities == "known":
             raise ValueError(
                 "probabilities='known' needs the true participation probabilities; "
-                "fedlab.sim.build_engine injects them from a participation model that defines "
+                "fedlab.run.build_engine injects them from a participation model that defines "
                 "them, or pass the per-client probabilities as a list"
             )
         if isinstance(self.probabilities, tuple):

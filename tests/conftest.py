@@ -74,7 +74,7 @@ def assert_resume_bit_identical(
 
     Returns ``(resumed, straight)`` for further checks on strategy state.
     """
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     straight = build_engine(config)
     straight.run(end)

@@ -17,7 +17,7 @@ from conftest import Rows, assert_resume_bit_identical
 from fedlab.callbacks import Evaluator
 from fedlab.config import RunConfig
 from fedlab.data import make_workload
-from fedlab.sim import build_engine, build_workload
+from fedlab.run import build_engine, build_workload
 from fedlab.strategies.admm_wls import ADMMWLS, channel_noise
 from fedlab.types import Round
 

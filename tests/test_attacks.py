@@ -27,7 +27,7 @@ from fedlab.attacks import (
 from fedlab.cli import main
 from fedlab.config import ConfigError
 from fedlab.data import ClientData, make_workload
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.types import Round, Update
 
 ROUND = Round(version=3, time=0.0, num_clients=10, seed=1234)

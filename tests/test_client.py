@@ -7,7 +7,7 @@ import torch
 
 from conftest import small_config
 from fedlab.client import batches_per_pass, minibatches
-from fedlab.sim import build_runtime, build_workload
+from fedlab.run import build_runtime, build_workload
 from fedlab.types import Task
 
 

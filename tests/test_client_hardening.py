@@ -16,7 +16,7 @@ from deploy import Proc
 from conftest import small_config
 from fedlab.cli import main
 from fedlab.proto import fedlab_pb2 as pb
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.transport import Failure
 from fedlab.transport.client import Assigned, Backoff, ClientError, Connection, run_client
 from fedlab.transport.codec import encode, payload_bytes

@@ -10,7 +10,7 @@ import torch
 
 from conftest import small_config
 from fedlab.engine import Engine
-from fedlab.sim import build_runtime, build_workload
+from fedlab.run import build_runtime, build_workload
 from fedlab.sim.clock import LATENCY_DISTRIBUTIONS, LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import SimTransport

@@ -15,7 +15,7 @@ from conftest import Rows, assert_resume_bit_identical, small_config
 from fedlab import registry
 from fedlab.cli import main
 from fedlab.clients.codecs import DTYPES, Float16, Int8, TopK, header, read_header, uvarint
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.transforms import TransformContext
 
 CTX = TransformContext(client_id=0, version=0, seed=0)

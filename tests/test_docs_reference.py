@@ -21,7 +21,7 @@ from fedlab import registry
 from fedlab.cli import build_parser
 from fedlab.cli.flags import resolve_config
 from fedlab.participation import MODELS
-from fedlab.sim import build_strategy
+from fedlab.run import build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "docs" / "reference"

@@ -19,7 +19,7 @@ from fedlab.client import ClientContext, Fit
 from fedlab.clients.dp_brem import DPBREMClient
 from fedlab.data import ClientData
 from fedlab.privacy import clip_per_record
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.strategies.dp_brem import DPBREM
 from fedlab.strategies.robust import coordinate_median
 from fedlab.types import Metrics, Params, Round, State, Task, Update

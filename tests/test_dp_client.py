@@ -240,7 +240,7 @@ def test_config_refuses_incomplete_client_dp() -> None:
     with pytest.raises(ConfigError, match="adaptive_clip needs"):
         small_config(dp="client", noise_multiplier=1.0, dp_noise="local", adaptive_clip=True)
     with pytest.raises(ValueError, match="non-linearly"):
-        from fedlab.sim import build_engine
+        from fedlab.run import build_engine
 
         build_engine(small_config(dp="client", noise_multiplier=1.0, strategy="median"))
 
@@ -259,7 +259,7 @@ def test_documented_dp_commands_build(command: str) -> None:
 
     from fedlab.cli import build_parser
     from fedlab.cli.flags import resolve_config
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     pytest.importorskip("opacus")
     args = build_parser().parse_args(shlex.split(command)[1:])

@@ -17,7 +17,7 @@ from fedlab.client import ClientContext, Fit
 from fedlab.clients.sgd import LocalSGD, poisson_batches
 from fedlab.config import ConfigError
 from fedlab.data import ClientData
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.types import Task
 
 CTX = ClientContext(client_id=3, seed=5)

@@ -24,7 +24,7 @@ from fedlab import registry, tensorio
 from fedlab.client import ClientContext, Fit
 from fedlab.data import ClientData
 from fedlab.engine import CHECKPOINT, PREVIOUS, CheckpointError, Engine
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.strategies import FedAvg
 from fedlab.types import State, Task, Update
 

@@ -24,7 +24,7 @@ from fedlab.evaluation import (
     sample_clients,
     summarize,
 )
-from fedlab.sim import build_workload
+from fedlab.run import build_workload
 
 TINY: dict[str, Any] = dict(clients=6, fraction=0.5, local_steps=3, seed=5)
 COLUMNS = {

@@ -18,7 +18,7 @@ from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
 from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
 from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, effective
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
 from fedlab.strategies.fed_sb import public_gradient
 from fedlab.strategy import UpdateRejected

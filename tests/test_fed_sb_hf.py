@@ -11,7 +11,7 @@ from conftest import REPO
 from fedlab.callbacks import Evaluator
 from fedlab.config import RunConfig
 from fedlab.lora import R_KEY
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.types import Round
 
 pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_params_equal, assert_resume_bit_identical, small_config
 from fedlab import seeding
 from fedlab.cli import main
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.strategies import FedAU, FedAvg, KnownProbability
 from fedlab.strategies.fedau import estimator_init, estimator_update, estimator_weights
 from fedlab.types import Round, Update
@@ -249,7 +249,7 @@ def test_cli_runs_fedau_with_the_fedau_recipe(tmp_path: Path) -> None:
 
 def test_known_probability_keeps_probabilities_the_user_gives() -> None:
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     given = tuple([0.5] * 10)
     config = RunConfig(

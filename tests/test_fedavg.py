@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import small_config
 from fedlab import seeding
-from fedlab.sim import build_engine, build_workload
+from fedlab.run import build_engine, build_workload
 from fedlab.strategies import FedAvg
 from fedlab.types import Round, Update
 

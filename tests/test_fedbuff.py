@@ -15,7 +15,7 @@ import torch
 
 from conftest import Rows, assert_resume_bit_identical, small_config
 from fedlab import registry
-from fedlab.sim import build_engine, build_runtime
+from fedlab.run import build_engine, build_runtime
 from fedlab.strategies import FedAvg, FedBuff
 from fedlab.strategies.fedbuff import staleness_weight
 from fedlab.types import Metrics, Params, Round, State, Task, Update

@@ -14,7 +14,7 @@ from conftest import assert_params_equal, assert_resume_bit_identical, small_con
 from fedlab import registry
 from fedlab.config import RunConfig
 from fedlab.engine import Engine
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.sim.clock import SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import SimTransport

@@ -10,7 +10,7 @@ from fedlab.callbacks import Evaluator
 from fedlab.clients.fedit import FedITClient
 from fedlab.config import RunConfig
 from fedlab.lora import A_KEY, B_KEY, R_KEY
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedIT, FedSB
 from fedlab.types import Round, Update
 

@@ -14,7 +14,7 @@ from fedlab import registry
 from fedlab.cli import main
 from fedlab.data import make_workload
 from fedlab.participation import MODELS
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategies import FedStale, FedVARP
 from fedlab.types import Params, Round, State, Update

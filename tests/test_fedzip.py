@@ -206,7 +206,7 @@ def test_non_float_entries_pass_through_and_all_int_payloads_are_refused() -> No
 def test_reported_ratio_is_32n_over_the_bits_sent() -> None:
     from conftest import Rows
     from fedlab.config import RunConfig
-    from fedlab.sim import build_engine
+    from fedlab.run import build_engine
 
     rows = Rows()
     config = RunConfig(

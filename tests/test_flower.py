@@ -43,7 +43,7 @@ from fedlab.flower import (  # noqa: E402
     params_to_record,
     run_config,
 )
-from fedlab.sim import build_engine, build_workload  # noqa: E402
+from fedlab.run import build_engine, build_workload  # noqa: E402
 from fedlab.strategies import FedAvg  # noqa: E402
 from fedlab.transport import Failure  # noqa: E402
 from fedlab.types import Task, Update  # noqa: E402

@@ -14,7 +14,7 @@ from conftest import assert_resume_bit_identical
 from fedlab import registry
 from fedlab.callbacks import Evaluator
 from fedlab.config import RunConfig
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.strategies import FRL
 from fedlab.strategies.frl import (
     ReversedRanking,

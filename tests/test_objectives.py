@@ -22,7 +22,7 @@ from fedlab.objectives import (
     Regression,
     objective_of,
 )
-from fedlab.sim import build_workload
+from fedlab.run import build_workload
 from fedlab.types import Task
 
 # Five clients, each with its own linear map y = x w_k + 0.1 noise (three features, two
@@ -112,7 +112,7 @@ def test_regression_data_runs_without_a_client_half(tmp_path: Path, regression_d
 
 
 def test_regression_client_splits_are_disjoint_fifths(regression_data: str) -> None:
-    workload = fedlab.sim.build_workload(
+    workload = fedlab.run.build_workload(
         fedlab.RunConfig(workload="custom", data=regression_data, clients=3)
     )
     train, test = workload.client_data(1), workload.client_data(1, "test")

@@ -16,7 +16,7 @@ from fedlab.participation import (
     build_participation,
     fedau_probabilities,
 )
-from fedlab.sim import build_engine, build_workload
+from fedlab.run import build_engine, build_workload
 
 N = 40
 

@@ -27,7 +27,7 @@ from fedlab.config import ConfigError, RunConfig
 from fedlab.engine import Engine
 from fedlab.guard import StagedStore, non_finite
 from fedlab.lora import A_KEY, B_KEY, R_KEY
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.store import MemoryStore
 from fedlab.strategies import (
     FRL,

@@ -18,7 +18,7 @@ from fedlab import registry
 from fedlab.client import ClientAlgorithm, ClientContext, Fit
 from fedlab.config import RunConfig
 from fedlab.data import ClientData
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.strategies import FedAvg
 from fedlab.strategy import Buffer, Trigger
 from fedlab.types import Params, State, Task

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import small_config
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.transforms import Pipeline, TransformContext, UpdateTransform
 from fedlab.transport import Checked, Failure
 from fedlab.transport.client import Assigned, Connection, run_client

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_resume_bit_identical, small_config
 from fedlab import registry
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.strategies import CenteredClipping, Krum, Median, MultiKrum, TrimmedMean
 from fedlab.strategy import Strategy
 from fedlab.types import Params, Round, Update

@@ -21,7 +21,7 @@ import torch
 from conftest import small_config
 from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.transport.admission import CLIENT_HEADER, Refusals, call_metadata
 from fedlab.transport.client import Assigned, Backoff, Connection, run_client
 from fedlab.transport.codec import payload_bytes

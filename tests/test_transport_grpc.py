@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import small_config
 from fedlab.cli.client import runtime_builder
 from fedlab.proto import fedlab_pb2 as pb
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 from fedlab.transport import Failure, server
 from fedlab.transport.client import FINISHED, Assigned, Backoff, Connection, run_client
 from fedlab.transport.codec import Assembler, WireError, decode, encode, payload_bytes

@@ -24,7 +24,7 @@ from fedlab.client import ClientContext
 from fedlab.clients import LocalSGD
 from fedlab.config import ConfigError, RunConfig
 from fedlab.data import ClientData
-from fedlab.sim import build_engine, build_runtime, build_workload
+from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.sim.transport import Job
 from fedlab.types import Task
 

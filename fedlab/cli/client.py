@@ -129,7 +129,7 @@ def runtime_builder(local: dict[str, Any]) -> Callable[[Joined], ClientRuntime]:
     def build(joined: Joined) -> ClientRuntime:
         import tomllib
 
-        from fedlab.sim import build_runtime
+        from fedlab.run import build_runtime
 
         try:
             server = tomllib.loads(joined.config_toml)

@@ -222,7 +222,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     config = from_mapping({**values, **flags})
     # A strategy that needs a particular setting (ADMM-WLS: workload wls) runs with it unless
     # the user named one; then building the strategy says why the named one does not fit.
-    from fedlab.sim import strategy_defaults
+    from fedlab.run import strategy_defaults
 
     named = {**values, **flags}
     defaults = {

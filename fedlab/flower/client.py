@@ -32,7 +32,7 @@ from fedlab.flower.records import (
     scalars,
     widened_names,
 )
-from fedlab.sim import build_runtime
+from fedlab.run import build_runtime
 from fedlab.types import Task
 
 

@@ -38,7 +38,7 @@ from fedlab.flower.records import (
     scalars,
 )
 from fedlab.flower.transport import GridTransport
-from fedlab.sim import build_engine, build_pipeline, build_strategy
+from fedlab.run import build_engine, build_pipeline, build_strategy
 from fedlab.strategy import EveryRound, Strategy
 from fedlab.transforms import Pipeline
 from fedlab.transport import Transport

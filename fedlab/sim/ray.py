@@ -1,7 +1,7 @@
 """The Ray backend: a pool of actors that train clients, each on one persistent model.
 
 Actors are workers, not clients. Each builds one :class:`~fedlab.client.ClientRuntime` with
-:func:`fedlab.sim.build_runtime` and serves whichever client a job names, loading the job's
+:func:`fedlab.run.build_runtime` and serves whichever client a job names, loading the job's
 params into its model in place, so a pool of 2 actors trains 1000 clients with 2 models.
 
 Everything fedlab sends across the process boundary is :mod:`fedlab.tensorio` bytes: params,
@@ -56,7 +56,7 @@ class _Worker:
     """
 
     def __init__(self, config_json: str, registered: list[tuple[Group, str, Any]]) -> None:
-        from fedlab.sim import build_runtime
+        from fedlab.run import build_runtime
 
         for group, name, obj in registered:
             registry.register(group, name, obj)
@@ -393,7 +393,7 @@ def _registrations(config: RunConfig) -> list[tuple[Group, str, Any]]:
     ``sys.path``). Classes travel pickled by reference, so their modules must be importable
     in the workers, as Ray requires of any user code.
     """
-    from fedlab.sim import build_strategy
+    from fedlab.run import build_strategy
 
     client = config.client or build_strategy(config).client
     names: list[tuple[Group, str]] = [("strategies", config.strategy), ("clients", client)]

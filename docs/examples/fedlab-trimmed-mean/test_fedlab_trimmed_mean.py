@@ -7,7 +7,7 @@ import torch
 from fedlab_trimmed_mean import BufferedTrimmedMean, TrimmedMean
 
 from fedlab import Round, RunConfig, Update, tensorio
-from fedlab.sim import build_engine
+from fedlab.run import build_engine
 
 
 def updates(*values: float) -> list[Update]:

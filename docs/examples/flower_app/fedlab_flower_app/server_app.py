@@ -7,7 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlab.callbacks import Evaluator
 from fedlab.flower import FlowerStrategy, params_from_record, run_config
-from fedlab.sim import build_workload
+from fedlab.run import build_workload
 
 app = ServerApp()
 
