@@ -217,11 +217,7 @@ def make_workload(
             return leaf.LeafWorkload(
                 name=name, data_dir=data_dir, num_clients=num_clients, seed=seed, model=factory
             )
-        if partition == "natural":
-            raise ValueError(
-                f"{name} has no natural per-client split; use one of 'iid', 'dirichlet', "
-                "'shards' or 'lognormal'"
-            )
+        _refuse_natural(name, partition)
         return vision.CifarWorkload(
             name=name,
             data_dir=data_dir,
@@ -268,11 +264,7 @@ def make_workload(
             iid=partition == "iid",
             model=factory,
         )
-    if partition == "natural":
-        raise ValueError(
-            "digits has no natural per-client split; use one of 'iid', 'dirichlet', "
-            "'shards' or 'lognormal'"
-        )
+    _refuse_natural(name, partition)
     return DigitsWorkload(
         num_clients=num_clients,
         seed=seed,
@@ -330,3 +322,12 @@ def _hf(
         partition_by=partition_by,
         model=load_model_factory(model) if ":" in model else model,
     )
+
+
+def _refuse_natural(name: str, partition: str) -> None:
+    """Central datasets (digits, CIFAR) have no per-client split of their own to follow."""
+    if partition == "natural":
+        raise ValueError(
+            f"{name} has no natural per-client split; use one of 'iid', 'dirichlet', "
+            "'shards' or 'lognormal'"
+        )
