@@ -33,7 +33,7 @@ from fedlab.transport.security import (
     check_run_id,
     explain_connection_failure,
 )
-from fedlab.transport.server import OPTIONS
+from fedlab.transport.service import OPTIONS
 from fedlab.types import State, Task, Update
 
 # Codes after which trying again may succeed: the server is down, restarting or overloaded.
