@@ -17,13 +17,10 @@ from fedlab.data.base import (
     P_PRETRAIN,
     ClientData,
     IntArray,
-    check_client_id,
-    check_split,
-    matched_test_indices,
     rng,
     seeded_model,
 )
-from fedlab.data.partition import LabelPartition
+from fedlab.data.partition import LabelPartitioned
 from fedlab.types import Task
 
 DIGITS_CLASSES = 10
@@ -104,7 +101,7 @@ def digits_mlp() -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": digits_cnn, "mlp": digits_mlp}
 
 
-class DigitsWorkload:
+class DigitsWorkload(LabelPartitioned):
     """scikit-learn's 8x8 digits, split 80/20 by the seed and partitioned lazily.
 
     The ~1438 training examples are partitioned over clients by
@@ -140,9 +137,6 @@ class DigitsWorkload:
         model_name: str = "",
     ) -> None:
         self.name = "digits-shift" if shift else "digits"
-        self.num_clients = num_clients
-        self.num_classes = DIGITS_CLASSES
-        self.seed = seed
         self._model = model
         self._model_name = model_name
         self._label_swap = label_swap
@@ -168,16 +162,9 @@ class DigitsWorkload:
             self.split.update(source=self._source_idx, public=self._public_idx)
             x_all = np.ascontiguousarray(np.rot90(x_all.reshape(-1, 8, 8), 1, axes=(1, 2)))
             x_all = x_all.reshape(-1, 64)
-        self._x_train = torch.from_numpy(x_all[train_idx]).reshape(shape)
-        self._y_train_np: IntArray = y_all[train_idx]
-        self._y_train = torch.from_numpy(self._y_train_np)
-        self._y_test_np: IntArray = y_all[test_idx]
-        self._test = ClientData(
-            torch.from_numpy(x_all[test_idx]).reshape(shape),
-            torch.from_numpy(self._y_test_np),
-        )
-        self._partition = LabelPartition(
-            self._y_train_np,
+        super().__init__(
+            train_labels=y_all[train_idx],
+            test_labels=y_all[test_idx],
             num_classes=DIGITS_CLASSES,
             num_clients=num_clients,
             seed=seed,
@@ -185,6 +172,11 @@ class DigitsWorkload:
             alpha=alpha,
             shards_per_client=shards_per_client,
             sigma=sigma,
+        )
+        self._x_train = torch.from_numpy(x_all[train_idx]).reshape(shape)
+        self._y_train = torch.from_numpy(self.y_train)
+        self._test = ClientData(
+            torch.from_numpy(x_all[test_idx]).reshape(shape), torch.from_numpy(self.y_test)
         )
 
     def make_model(self) -> nn.Module:
@@ -219,20 +211,11 @@ class DigitsWorkload:
     def test_data(self) -> ClientData:
         return self._test
 
-    def client_indices(self, client_id: int) -> IntArray:
-        """Indices into the training split that make up ``client_id``'s data."""
-        return self._partition.indices(check_client_id(client_id, self.num_clients))
+    def _test_examples(self, idx: IntArray) -> ClientData:
+        pick = torch.from_numpy(idx)
+        return ClientData(self._test.x[pick], self._test.y[pick])
 
-    def client_test_indices(self, client_id: int) -> IntArray:
-        """Indices into the test split that make up ``client_id``'s own test data."""
-        train = self._y_train_np[self.client_indices(client_id)]
-        return matched_test_indices(self._y_test_np, train, self.seed, client_id)
-
-    def client_data(self, client_id: int, split: str = "train") -> ClientData:
-        if check_split(split) == "test":
-            pick = torch.from_numpy(self.client_test_indices(client_id))
-            return ClientData(self._test.x[pick], self._test.y[pick])
-        idx = self.client_indices(client_id)
+    def _train_examples(self, client_id: int, idx: IntArray) -> ClientData:
         x = self._x_train[torch.from_numpy(idx)]
         if self._label_swap == 0:
             return ClientData(x, self._y_train[torch.from_numpy(idx)])
@@ -241,7 +224,7 @@ class DigitsWorkload:
     def _swap_labels(self, k: int, idx: IntArray) -> IntArray:
         """Client ``k``'s labels with ``round(h * count)`` examples of each label of its pair
         relabelled as the other one, the examples drawn from the ``(seed, k)`` stream."""
-        y = self._y_train_np[idx]
+        y = self.y_train[idx]
         out = y.copy()
         gen = rng(self.seed, P_LABEL_SWAP, k)
         a, b = _SWAP_PAIRS[k % 2]

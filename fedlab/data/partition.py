@@ -2,11 +2,13 @@
 
 :class:`LabelPartition` computes client ``k``'s indices on demand from ``(seed, k)`` (plus, for
 ``iid`` and ``shards``, one permutation of the pool), so a federation of any size costs a few
-arrays of the pool's size. Digits and CIFAR share it.
+arrays of the pool's size. Digits and CIFAR share it, and :class:`LabelPartitioned`, the base of
+their workloads.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -19,7 +21,11 @@ from fedlab.data.base import (
     P_IID_SAMPLE,
     P_LOGNORMAL,
     P_SHARDS,
+    ClientData,
     IntArray,
+    check_client_id,
+    check_split,
+    matched_test_indices,
     rng,
 )
 
@@ -182,3 +188,72 @@ class LabelPartition:
         raw = math.exp(gen.normal(math.log(mean) - self._sigma**2 / 2, self._sigma))
         size = int(min(max(round(raw), 1), self._n))
         return gen.choice(self._n, size=size, replace=False)
+
+
+class LabelPartitioned(abc.ABC):
+    """A workload that splits a central labelled data set over clients by label.
+
+    Client ``k``'s training data is its :class:`LabelPartition` share of the training split;
+    its own test data is a label-matched share of the global test split
+    (:func:`~fedlab.data.base.matched_test_indices`). Subclasses (digits, CIFAR) say how the
+    examples at given indices are built.
+
+    Args:
+        train_labels: the int64 labels of the training split, in ``[0, num_classes)``.
+        test_labels: the int64 labels of the global test split.
+        num_classes: how many labels there are.
+        num_clients: the number of clients.
+        seed: the run seed.
+        partition, alpha, shards_per_client, sigma: see :class:`LabelPartition`.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_labels: IntArray,
+        test_labels: IntArray,
+        num_classes: int,
+        num_clients: int,
+        seed: int,
+        partition: str,
+        alpha: float,
+        shards_per_client: int,
+        sigma: float,
+    ) -> None:
+        self.num_classes = num_classes
+        self.num_clients = num_clients
+        self.seed = seed
+        self.y_train = train_labels
+        self.y_test = test_labels
+        self._partition = LabelPartition(
+            train_labels,
+            num_classes=num_classes,
+            num_clients=num_clients,
+            seed=seed,
+            partition=partition,
+            alpha=alpha,
+            shards_per_client=shards_per_client,
+            sigma=sigma,
+        )
+
+    def client_indices(self, client_id: int) -> IntArray:
+        """Indices into the training split that make up ``client_id``'s data."""
+        return self._partition.indices(check_client_id(client_id, self.num_clients))
+
+    def client_test_indices(self, client_id: int) -> IntArray:
+        """Indices into the test split that make up ``client_id``'s own test data."""
+        train = self.y_train[self.client_indices(client_id)]
+        return matched_test_indices(self.y_test, train, self.seed, client_id)
+
+    def client_data(self, client_id: int, split: str = "train") -> ClientData:
+        if check_split(split) == "test":
+            return self._test_examples(self.client_test_indices(client_id))
+        return self._train_examples(client_id, self.client_indices(client_id))
+
+    @abc.abstractmethod
+    def _train_examples(self, client_id: int, idx: IntArray) -> ClientData:
+        """Client ``client_id``'s training data: the training examples at ``idx``."""
+
+    @abc.abstractmethod
+    def _test_examples(self, idx: IntArray) -> ClientData:
+        """The test examples at ``idx``."""

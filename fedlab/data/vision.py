@@ -28,12 +28,9 @@ from torch import nn
 from fedlab.data.base import (
     ClientData,
     IntArray,
-    check_client_id,
-    check_split,
-    matched_test_indices,
     seeded_model,
 )
-from fedlab.data.partition import LabelPartition
+from fedlab.data.partition import LabelPartitioned
 
 _PIXELS = 3 * 32 * 32
 # Per-channel mean and standard deviation of the CIFAR-10 training images, the usual
@@ -170,7 +167,7 @@ def cifar_models(num_classes: int) -> dict[str, Callable[[], nn.Module]]:
     return {"cnn": lambda: image_cnn(3, num_classes)}
 
 
-class CifarWorkload:
+class CifarWorkload(LabelPartitioned):
     """CIFAR-10 or CIFAR-100 partitioned by label over clients.
 
     The decoded archives stay in memory as uint8 (150 MB for the training split); client
@@ -194,15 +191,13 @@ class CifarWorkload:
     ) -> None:
         self.name = name
         source = SOURCES[name]
-        self.num_classes = source.num_classes
-        self.num_clients = num_clients
-        self.seed = seed
         self._model = model
         folder = find_files(source, data_dir)
-        self._x_train, self.y_train = read_records(source, [folder / f for f in source.train])
-        self._x_test, self.y_test = read_records(source, [folder / f for f in source.test])
-        self._partition = LabelPartition(
-            self.y_train,
+        self._x_train, y_train = read_records(source, [folder / f for f in source.train])
+        self._x_test, y_test = read_records(source, [folder / f for f in source.test])
+        super().__init__(
+            train_labels=y_train,
+            test_labels=y_test,
             num_classes=source.num_classes,
             num_clients=num_clients,
             seed=seed,
@@ -216,20 +211,10 @@ class CifarWorkload:
     def make_model(self) -> nn.Module:
         return seeded_model(self.seed, self._model)
 
-    def client_indices(self, client_id: int) -> IntArray:
-        """Indices into the training images that make up ``client_id``'s data."""
-        return self._partition.indices(check_client_id(client_id, self.num_clients))
+    def _test_examples(self, idx: IntArray) -> ClientData:
+        return ClientData(normalize(self._x_test[idx]), torch.from_numpy(self.y_test[idx]))
 
-    def client_test_indices(self, client_id: int) -> IntArray:
-        """Indices into the test images that make up ``client_id``'s own test data."""
-        train = self.y_train[self.client_indices(client_id)]
-        return matched_test_indices(self.y_test, train, self.seed, client_id)
-
-    def client_data(self, client_id: int, split: str = "train") -> ClientData:
-        if check_split(split) == "test":
-            idx = self.client_test_indices(client_id)
-            return ClientData(normalize(self._x_test[idx]), torch.from_numpy(self.y_test[idx]))
-        idx = self.client_indices(client_id)
+    def _train_examples(self, client_id: int, idx: IntArray) -> ClientData:
         return ClientData(
             normalize(self._x_train[idx]), torch.from_numpy(self.y_train[idx]), augment=crop_flip
         )
