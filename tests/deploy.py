@@ -1,4 +1,5 @@
-"""Helpers for the deployment tests: `fedlab` subprocesses on loopback, read line by line.
+"""Helpers for the deployment tests: `fedlab` subprocesses on loopback, read line by line,
+and in-process gRPC servers (:func:`serve`) with their client connections (:func:`connect`).
 
 Every wait is on a sign of readiness (a printed line, a file, an exit) with a deadline meant
 to hold on a loaded machine: a process that starts in 2 s alone may take a minute beside a
@@ -19,6 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from fedlab.transport.client import Connection
+from fedlab.transport.security import Policy
+from fedlab.transport.server import GrpcTransport
 
 READY = 180.0
 """Seconds to wait for a process to be ready (print a line, write a file) or to exit."""
@@ -147,3 +153,22 @@ def start_clients(ids: Sequence[int], port: int, args: Sequence[str], *, cwd: Pa
         )
         for i in ids
     ]
+
+
+def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
+    """A :class:`GrpcTransport` in this process on a free loopback port, for ``policy``'s
+    clients; it logs nothing and, unless ``kw`` says otherwise, does not linger on close."""
+    kw.setdefault("linger", 0.0)
+    return GrpcTransport(
+        num_clients=policy.num_clients,
+        address="127.0.0.1:0",
+        policy=policy,
+        credentials=credentials,
+        log=None,
+        **kw,
+    )
+
+
+def connect(t: GrpcTransport, cid: int, **kw: Any) -> Connection:
+    """Client ``cid``'s connection to ``t`` (``kw``: credentials, token...)."""
+    return Connection(f"127.0.0.1:{t.port}", cid, **kw)

@@ -11,14 +11,14 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from deploy import Proc
+from deploy import Proc, connect, serve
 
 from conftest import small_config
 from fedlab.cli import main
 from fedlab.proto import fedlab_pb2 as pb
 from fedlab.run import build_engine
 from fedlab.transport import Failure
-from fedlab.transport.client import Assigned, Backoff, ClientError, Connection, run_client
+from fedlab.transport.client import Assigned, Backoff, ClientError, run_client
 from fedlab.transport.codec import encode, payload_bytes
 from fedlab.transport.security import (
     Policy,
@@ -28,26 +28,9 @@ from fedlab.transport.security import (
     make_certs,
     server_credentials,
 )
-from fedlab.transport.server import GrpcTransport
 from fedlab.types import Task, Update
 
 PARAMS = {"w": torch.zeros(2)}
-
-
-def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
-    kw.setdefault("linger", 0.0)
-    return GrpcTransport(
-        num_clients=policy.num_clients,
-        address="127.0.0.1:0",
-        policy=policy,
-        credentials=credentials,
-        log=None,
-        **kw,
-    )
-
-
-def connect(t: GrpcTransport, cid: int, **kw: Any) -> Connection:
-    return Connection(f"127.0.0.1:{t.port}", cid, **kw)
 
 
 class _Runtime:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from deploy import connect, serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,22 +127,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_certs(tmp_path_factory.mktemp("other"), clients=4)
-
-
-def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
-    kw.setdefault("linger", 0.0)
-    return GrpcTransport(
-        num_clients=policy.num_clients,
-        address="127.0.0.1:0",
-        policy=policy,
-        credentials=credentials,
-        log=None,
-        **kw,
-    )
-
-
-def connect(t: GrpcTransport, cid: int, **kw: Any) -> Connection:
-    return Connection(f"127.0.0.1:{t.port}", cid, **kw)
 
 
 def refused(call: Callable[[], object]) -> grpc.StatusCode:
