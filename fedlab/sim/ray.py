@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ __all__ = ["RayExecutor"]
 # How long close() waits for the actors' node ids (asked for when they start; an actor that
 # trained a job has answered long before, so this only bounds the wait on one that never ran).
 _NODE_ID_WAIT_S = 10.0
+
+# How long the probe of --ray-address waits for a TCP connection: a listening head accepts in
+# milliseconds even across continents, where ray.init would retry a dead address for minutes.
+_PROBE_TIMEOUT_S = 5.0
 
 # Decoded params an actor keeps: asynchronous strategies interleave jobs of a few versions,
 # and re-decoding a large model for every job would cost more than the training.
@@ -209,6 +214,7 @@ class RayExecutor:
             "log_to_driver": False,
             "logging_level": logging.WARNING,
         }
+        check_ray_address(config.ray_address)
         host = config.ray_address.rpartition(":")[0].strip("[]")
         if not config.ray_address or host in ("127.0.0.1", "localhost", "::1"):
             # A Ray that fedlab starts serves this machine only, and a driver joining a cluster
@@ -398,3 +404,29 @@ def _registrations(config: RunConfig) -> list[tuple[Group, str, Any]]:
     client = config.client or build_strategy(config).client
     names: list[tuple[Group, str]] = [("strategies", config.strategy), ("clients", client)]
     return [(g, n, registry.resolve(g, n)) for g, n in names if ":" not in n]
+
+
+def check_ray_address(address: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
+    """Fail in one line when nothing answers at ``--ray-address``.
+
+    ``ray.init`` retries an address where nothing listens for minutes, logging as it goes;
+    one TCP connect tells the same in milliseconds (or ``timeout`` seconds). Addresses that
+    are not ``HOST:PORT`` (``auto``, ``local``) are left to Ray; ``ray://HOST:PORT`` is
+    probed at that port.
+
+    Raises:
+        ValueError: no connection at the address, with what to do.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = f"no answer in {timeout:g} s" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise ValueError(
+            f"cannot connect to --ray-address {address} ({why}): start the cluster's head "
+            f"there first (ray start --head --port {port}), correct the address, or leave "
+            "--ray-address out to start a local Ray"
+        ) from None
