@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import textwrap
 import warnings
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from fedlab import registry
-from fedlab.client import ClientAlgorithm, ClientContext, Fit
+from fedlab.client import ClientAlgorithm, ClientContext, Fit, TrainingError
 from fedlab.config import RunConfig
 from fedlab.data import ClientData
 from fedlab.run import build_engine
@@ -167,16 +168,41 @@ def test_vectorized_actors_match_the_vmap_backend(ray_session: Path) -> None:
 
 @pytest.mark.parametrize(
     ("client", "message"),
-    [("test-boom", r"ValueError: boom at client \1\b"),
-     (f"{BOOM_MODULE}:Boom", r"KeyError: 'dotted boom at client \1'")],
+    [("test-boom", r"ValueError: boom at client \1 \(at test_ray\.py:\d+ in fit\)"),
+     (f"{BOOM_MODULE}:Boom",
+      rf"KeyError: 'dotted boom at client \1' \(at {BOOM_MODULE}\.py:\d+ in fit\)")],
     ids=["registered", "dotted"],
 )  # fmt: skip
-def test_actor_error_names_client(ray_session: Path, client: str, message: str) -> None:
+def test_actor_error_is_the_in_process_training_error(
+    ray_session: Path, client: str, message: str
+) -> None:
     registry.register("clients", "test-boom", BoomClient)
-    engine = build_engine(_config(backend="ray", workers=1, client=client))
-    try:
-        # The error names the client twice: in fedlab's message and in the remote one.
-        with pytest.raises(RuntimeError, match=rf"client (\d+) failed on Ray worker 0: {message}"):
-            engine.run(1)
-    finally:
-        engine.transport.close()
+    errors = []
+    for backend in ("inprocess", "ray"):
+        engine = build_engine(_config(backend=backend, workers=1, client=client))
+        try:
+            with pytest.raises(TrainingError) as info:
+                engine.run(1)
+        finally:
+            engine.transport.close()
+        errors.append(str(info.value))
+    # One line with the client, the version and the user's file:line, whatever the backend.
+    assert errors[1] == errors[0]
+    assert re.fullmatch(rf"client (\d+) failed training version 0: {message}", errors[1])
+
+
+def test_fedlab_simulate_on_ray_prints_the_training_error_in_one_line(
+    ray_session: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlab.cli import main
+
+    argv = ["simulate", "--backend", "ray", "--client", f"{BOOM_MODULE}:Boom", "--rounds", "1"]
+    assert main([*argv, "--clients", "4", "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        rf"fedlab: error: client \d+ failed training version 0: KeyError: 'dotted boom at "
+        rf"client \d+' \(at {BOOM_MODULE}\.py:\d+ in fit\)",
+        lines[0],
+    ), err

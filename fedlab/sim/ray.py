@@ -290,8 +290,9 @@ class RayExecutor:
         """Block until ``client_id``'s job is done.
 
         Raises:
-            RuntimeError: the job failed in its actor (or the actor died); the message names
-                the client and carries the remote error.
+            TrainingError: the client's training raised in its actor, as in-process.
+            RuntimeError: the job failed otherwise in its actor (or the actor died); the
+                message names the client and carries the remote error.
         """
         if client_id in self._waiting:
             self._dispatch_waiting()
@@ -303,9 +304,11 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(e.cause, BaseException) else None
             if isinstance(cause, TrainingError):
-                detail = cause.detail  # the runtime's wrapper already names the client
-            else:
-                detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+                # The user's model or data raised in the actor: the same one line as in-process
+                # (client, version, error, the user's file:line), not Ray's remote traceback.
+                c = cause
+                raise TrainingError(c.client_id, c.version, c.detail, c.where) from e
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
             raise RuntimeError(
                 f"client {client_id} failed on Ray worker {pending.actor}: {detail}\n"
                 f"remote traceback:\n{e}"
