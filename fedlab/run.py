@@ -27,6 +27,7 @@ from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
 from fedlab.data import WORKLOADS, PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
+from fedlab.objectives import objective_of
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
@@ -349,7 +350,12 @@ def build_engine(
                 "with one (digits-shift) or initialization='weights'"
             )
         strategy = dataclasses.replace(  # type: ignore[call-arg]
-            strategy, public=PublicSample(model=workload.make_model(), data=public())
+            strategy,
+            public=PublicSample(
+                model=workload.make_model(),
+                data=public(),
+                objective=objective_of(workload).name,
+            ),
         )
     if config.dp == "client":
         strategy = client_dp(config, strategy)

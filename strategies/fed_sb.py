@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedlab.data import PublicSample
 from fedlab.lora import LoRAStrategy
+from fedlab.objectives import objective_of
 from fedlab.types import Params
 
 INITIALIZATIONS = ("weights", "gradient")
@@ -70,10 +70,12 @@ def public_gradient(
     public: PublicSample, params: Params, names: Sequence[str], samples: int, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """``G = sum over batches of grad(mean batch loss)`` for ``names``, on the first ``samples``
-    public examples (cross-entropy, the loss of the local training loop)."""
+    public examples; the loss is the workload's objective (``public.objective``: cross-entropy
+    for classification, mean squared error for regression), as in the local training loop."""
     n = min(samples, len(public.data))
     if n < 1:
         raise ValueError("the public sample is empty: gradient initialization needs examples")
+    objective = objective_of(public)
     weights = {k: params[k].detach().clone().requires_grad_(True) for k in names}
     rest = {k: v.detach() for k, v in params.items() if k not in weights}
     grads = {k: torch.zeros_like(w) for k, w in weights.items()}
@@ -82,7 +84,7 @@ def public_gradient(
         x = public.data.x[start : min(start + batch_size, n)]
         y = public.data.y[start : min(start + batch_size, n)]
         out = functional_call(public.model, {**rest, **weights}, (x,))
-        loss = F.cross_entropy(out, y)
+        loss = objective.loss(out, y)
         for k, g in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
             grads[k] += g
     return grads

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import assert_resume_bit_identical
@@ -16,7 +18,7 @@ from fedlab import registry
 from fedlab.callbacks import Evaluator
 from fedlab.clients.fed_sb import FedSBClient
 from fedlab.config import RunConfig
-from fedlab.data import SHIFT_PUBLIC_EXAMPLES, _DigitsWorkload
+from fedlab.data import SHIFT_PUBLIC_EXAMPLES, ClientData, _DigitsWorkload
 from fedlab.lora import A_KEY, B_KEY, R_KEY, adapted, effective
 from fedlab.run import build_engine, build_runtime, build_workload
 from fedlab.strategies import FedSB
@@ -354,3 +356,76 @@ def test_private_variant_is_dp_sgd_on_r_and_head_with_delta_below_one_over_n() -
     assert 0 < update.metrics["epsilon"] < float("inf")
     engine.run(1)
     assert 0 < float(rows[-1]["client_epsilon_max"]) < float("inf")  # type: ignore[arg-type]
+
+
+# A regression federation (three features, two targets), as in tests/test_objectives.py.
+REGRESSION = textwrap.dedent(
+    """\
+    import torch
+
+    objective = "regression"
+
+
+    def load_client(client_id, num_clients, seed):
+        g = torch.Generator().manual_seed(1000 * seed + client_id)
+        w = torch.randn(3, 2, generator=g) + 2.0
+        x = torch.randn(40, 3, generator=g)
+        return x, x @ w + 0.1 * torch.randn(40, 2, generator=g)
+    """
+)
+
+
+class _WithPublic:
+    """A workload plus a public sample of its own kind, as digits-shift has one."""
+
+    def __init__(self, inner: object, public: ClientData) -> None:
+        self._inner = inner
+        self._public = public
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def public_data(self) -> ClientData:
+        return self._public
+
+
+def test_gradient_init_uses_the_workloads_objective(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a regression workload ``G`` is the gradient of the mean squared error, the loss the
+    clients train; cross-entropy would read the float targets as class probabilities."""
+    (tmp_path / "fedlab_test_fed_sb_regression.py").write_text(REGRESSION)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _digits(
+        workload="custom",
+        data="fedlab_test_fed_sb_regression:load_client",
+        clients=4,
+        rounds=1,
+        lr=0.05,
+        strategy_options={"rank": 2, "initialization": "gradient", "init_lr": 0.01},
+    )
+    inner = build_workload(config)
+    x = torch.randn(32, 3, generator=_gen(5))
+    public = ClientData(x, x @ torch.full((3, 2), 2.0))
+    engine = build_engine(config, workload=_WithPublic(inner, public))  # type: ignore[arg-type]
+    fed = engine.strategy
+    assert isinstance(fed, FedSB) and fed.public is not None
+    names = list(engine.state["r"])
+    got = public_gradient(fed.public, engine.params, names, 32, 16)
+    # By hand: the mean squared error of each batch of 16, the gradients summed.
+    weights = {k: engine.params[k].clone().requires_grad_(True) for k in names}
+    rest = {k: v for k, v in engine.params.items() if k not in weights}
+    expected = {k: torch.zeros_like(w) for k, w in weights.items()}
+    model = inner.make_model()
+    for start in (0, 16):
+        out = functional_call(model, {**rest, **weights}, (x[start : start + 16],))
+        loss = F.mse_loss(out, public.y[start : start + 16])
+        for k, g in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
+            expected[k] += g
+    for k in names:
+        torch.testing.assert_close(got[k], expected[k])
+    assert fed.public.objective == "regression"
+    engine.run(1)
+    engine.transport.close()
+    final = fed.model_params(engine.state, engine.params)
+    assert all(bool(torch.isfinite(v).all()) for v in final.values())

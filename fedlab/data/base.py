@@ -107,10 +107,14 @@ class PublicSample:
     Attributes:
         model: a module of the workload's architecture (its values are overridden by params).
         data: the public examples.
+        objective: the workload's objective, a name of :data:`fedlab.objectives.OBJECTIVES`
+            (a name, not the object: the objectives module sits above this one): the loss a
+            strategy computes on these examples.
     """
 
     model: nn.Module
     data: ClientData
+    objective: str = "classification"
 
 
 class Workload(Protocol):
