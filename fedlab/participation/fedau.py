@@ -1,4 +1,5 @@
-"""FedAU's label-correlated participation probabilities (Wang and Ji, ICLR 2024)."""
+"""FedAU's label-correlated participation probabilities (the recipe of its experiments; see
+:mod:`fedlab.strategies.fedau`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The participation models: who is available at a version, from derived streams only."""
+"""The participation models and their protocol: who is available at each version."""
 
 from __future__ import annotations
 
