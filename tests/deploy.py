@@ -157,10 +157,11 @@ def start_clients(ids: Sequence[int], port: int, args: Sequence[str], *, cwd: Pa
 
 def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
     """A :class:`GrpcTransport` in this process on a free loopback port, for ``policy``'s
-    clients; it logs nothing and, unless ``kw`` says otherwise, does not linger on close."""
+    clients (``num_clients`` may say otherwise); it logs nothing and, unless ``kw`` says
+    otherwise, does not linger on close."""
     kw.setdefault("linger", 0.0)
+    kw.setdefault("num_clients", policy.num_clients)
     return GrpcTransport(
-        num_clients=policy.num_clients,
         address="127.0.0.1:0",
         policy=policy,
         credentials=credentials,

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from deploy import serve
 
 from conftest import small_config
 from fedlab.cli.client import runtime_builder
@@ -32,7 +33,6 @@ from fedlab.transport.security import (
     make_certs,
     server_credentials,
 )
-from fedlab.transport.server import GrpcTransport
 from fedlab.types import Task, Update
 
 PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
@@ -40,14 +40,6 @@ TOKENS = {i: f"secret-{i}" for i in range(4)}
 SERVICE = "/fedlab.v1.Federation/"
 # Generous on a loaded machine; only a hung call takes this long.
 PATIENCE = 120.0
-
-
-def serve(policy: Policy, credentials: Any = None, **kw: Any) -> GrpcTransport:
-    kw.setdefault("linger", 0.0)
-    kw.setdefault("num_clients", policy.num_clients)
-    return GrpcTransport(
-        address="127.0.0.1:0", policy=policy, credentials=credentials, log=None, **kw
-    )
 
 
 def eventually(condition: Callable[[], bool], what: str, timeout: float = PATIENCE) -> None:
