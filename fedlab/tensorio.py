@@ -44,15 +44,25 @@ class CorruptFileError(ValueError):
     """A serialized blob is truncated, tampered with or not a fedlab file."""
 
 
-def dumps(obj: Any) -> bytes:
-    """Serialize a nested structure of containers, scalars and tensors."""
+def dumps(obj: Any, *, share: bool = False) -> bytes:
+    """Serialize a nested structure of containers, scalars and tensors.
+
+    With ``share``, a tensor that appears more than once (the same memory, shape and strides:
+    the same object, or a view of it made by ``detach()``) is written once and every place
+    refers to it; :func:`loads` then returns one tensor object for all of them. Without it
+    each place gets its own bytes and, once loaded, its own tensor.
+    """
     chunks: list[bytes] = []
     metas: list[dict[str, Any]] = []
     offset = 0
+    seen: dict[tuple[Any, ...], int] = {}
 
     def enc(o: Any, path: str = "") -> Any:
         nonlocal offset
         if isinstance(o, torch.Tensor):
+            key = _identity(o) if share else None
+            if key is not None and key in seen:
+                return {"t": seen[key]}
             t = o.detach().to("cpu").contiguous()
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
             metas.append(
@@ -65,6 +75,8 @@ def dumps(obj: Any) -> bytes:
             )
             chunks.append(raw)
             offset += len(raw)
+            if key is not None:
+                seen[key] = len(metas) - 1
             return {"t": len(metas) - 1}
         if isinstance(o, bool) or o is None or isinstance(o, str | int):
             return {"v": o}
@@ -85,6 +97,18 @@ def dumps(obj: Any) -> bytes:
     header = json.dumps({"tree": tree, "tensors": metas}, allow_nan=False).encode()
     body = MAGIC + struct.pack("<Q", len(header)) + header + b"".join(chunks)
     return body + hashlib.sha256(body).digest()
+
+
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same bytes: the memory they view and how they view it."""
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
@@ -154,12 +178,15 @@ def _tensor(area: bytearray, meta: Any) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
-def save(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` to ``path`` atomically: a crash leaves the old file or the new one."""
+def save(path: str | os.PathLike[str], obj: Any, *, share: bool = False) -> None:
+    """Write ``obj`` to ``path`` atomically: a crash leaves the old file or the new one.
+
+    ``share`` writes a tensor that appears more than once only once (see :func:`dumps`).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(dumps(obj))
+        f.write(dumps(obj, share=share))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
