@@ -182,7 +182,7 @@ class Writer:
     """Writes checkpoints of one run directory on a background thread, one at a time.
 
     :meth:`submit` starts a write once the previous one is reported; :meth:`wait` and
-    :meth:`poll` report a finished write by calling ``written`` on the caller's thread (the
+    :meth:`poll` report a finished write by calling ``on_written`` on the caller's thread (the
     engine's client store then forgets files only older checkpoints referred to), or raise
     the exception it failed with there.
     """
@@ -194,11 +194,6 @@ class Writer:
         self._version: int | None = None
         self._error: BaseException | None = None
         self.written: int | None = None  # the version of the newest finished checkpoint
-
-    @property
-    def busy(self) -> bool:
-        """Whether a write is under way or finished but not yet reported."""
-        return self._thread is not None
 
     def submit(self, snap: Snapshot) -> None:
         """Start writing ``snap`` on a new thread.
@@ -255,7 +250,7 @@ class Writer:
         run already stopping on another error, which stays the one reported."""
         try:
             self.wait()
-        except BaseException as e:
+        except Exception as e:
             _LOG.warning(
                 "fedlab: warning: the checkpoint of version %s was not written: %s",
                 self._version,

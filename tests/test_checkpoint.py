@@ -237,6 +237,17 @@ def test_a_failed_last_write_is_raised_by_run_and_close(
     assert _version_of(tmp_path / "b" / CHECKPOINT) == 1
 
 
+def test_a_run_stopping_on_another_error_reports_that_one_and_logs_the_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _failing_save(monkeypatch, 1, errno.ENOSPC)
+    engine = build_engine(small_config(), run_dir=tmp_path, callbacks=[_Crash(2)])
+    with pytest.raises(RuntimeError, match="crash at version 2"):
+        engine.run(4)
+    assert "the checkpoint of version 1 was not written: [Errno 28]" in caplog.text
+    engine.close()  # the failure was reported once; nothing is left to raise
+
+
 def test_a_full_disk_during_a_background_write_is_one_line_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
