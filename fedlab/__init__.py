@@ -6,9 +6,10 @@ The public API is what ``__all__`` lists (a test keeps it that way). Strategies 
 
 from __future__ import annotations
 
+from fedlab.checkpoint import CheckpointError
 from fedlab.client import ClientAlgorithm, ClientContext, ClientRuntime, Fit
 from fedlab.config import ConfigError, RunConfig
-from fedlab.engine import Callback, CheckpointError, Engine
+from fedlab.engine import Callback, Engine
 from fedlab.experiment import History, simulate
 from fedlab.registry import register, resolve
 from fedlab.strategy import Buffer, EveryRound, Period, Strategy, Trigger, UpdateRejected

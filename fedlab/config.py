@@ -41,6 +41,7 @@ NOT_FINGERPRINTED = frozenset(
         "cpus_per_worker",
         "gpus_per_worker",
         "eval_every",
+        "checkpoint_every",
         "eval_clients",
         "personalize",
         "progress",
@@ -121,6 +122,8 @@ class RunConfig:
     compress: str = ""
     compress_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
+    # Checkpoint every N versions (and the last); a resume repeats the versions after it.
+    checkpoint_every: int = 1
     # Federated evaluation (fedlab.evaluation): clients tested on their own test splits per
     # evaluation (0: off; "all" becomes ``clients``), and local steps of fine-tuning first.
     eval_clients: int = 0
@@ -160,6 +163,7 @@ class RunConfig:
             "rounds",
             "workers",
             "eval_every",
+            "checkpoint_every",
             "min_clients",
             "threads",
             "min_updates",

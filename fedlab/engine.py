@@ -2,8 +2,9 @@
 
 It owns the global params and the version counter. It hands out tasks while clients are idle,
 decodes and validates what comes back, buffers it, calls ``Strategy.aggregate`` when the
-strategy's trigger fires, bumps the version, and checkpoints everything atomically. It never
-knows whether the transport is a simulation or a network.
+strategy's trigger fires, bumps the version, and checkpoints everything (atomically, on a
+background thread: :mod:`fedlab.checkpoint`). It never knows whether the transport is a
+simulation or a network.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import os
 import threading
 import time as _time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedlab import seeding, tensorio
+from fedlab import checkpoint, seeding
 from fedlab.guard import MAX_NUM_EXAMPLES, StagedStore, check_update, non_finite
 from fedlab.participation import Participation, Uniform
 from fedlab.store import ClientStore, MemoryStore
@@ -27,19 +27,12 @@ from fedlab.strategy import Buffer, EveryRound, Fold, Period, Strategy, UpdateRe
 from fedlab.transforms import Pipeline, TransformContext, payload_bytes
 from fedlab.transport import Checked, Failure, Transport
 from fedlab.types import ClientId, Params, Round, State, Task, Update
+from fedlab.versionlog import Counters, VersionLog, warn_dropped
 
 if TYPE_CHECKING:
     from fedlab.attacks import Adversary
 
-CHECKPOINT = "checkpoint.fl"
-PREVIOUS = "checkpoint.prev.fl"
-FORMAT = 1
-
 _LOG = logging.getLogger("fedlab.engine")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or belongs to a different run configuration."""
 
 
 class Callback(Protocol):
@@ -47,30 +40,6 @@ class Callback(Protocol):
 
     def on_version(self, engine: Engine, row: dict[str, Any]) -> None:
         """Called after each aggregation with the version's metrics row (may add to it)."""
-
-
-@dataclass
-class Counters:
-    """Running totals over the whole run."""
-
-    received: int = 0
-    rejected: int = 0
-    failed: int = 0
-    stale_dropped: int = 0
-    aggregates_dropped: int = 0  # versions whose aggregate held NaN or Inf and was not committed
-
-
-@dataclass
-class _VersionLog:
-    """What happened since the last aggregation, for the metrics row."""
-
-    rejected: int = 0
-    failed: int = 0
-    reasons: list[str] = field(default_factory=list)
-    bytes_up: int = 0  # every update received, rejected ones included: they were sent
-    bytes_down: int = 0  # the params of every task handed out
-    decoded_bytes: int = 0  # received bytes of the updates that decoded...
-    decoded_entries: int = 0  # ...and the entries they decoded to
 
 
 class Engine:
@@ -93,6 +62,8 @@ class Engine:
             ones are dropped as stale.
         pipeline: the update transforms, decoded here in reverse.
         run_dir: where checkpoints go (``None``: no checkpoints).
+        checkpoint_every: checkpoint the versions that are multiples of this, and the last
+            version of :meth:`run`; a resumed run repeats the versions after its checkpoint.
         fingerprint: identifies the run configuration; a checkpoint with another one is refused.
         callbacks: called after every version.
         task_config: settings sent with every task (``lr``, ``local_steps``...); a strategy's
@@ -133,6 +104,7 @@ class Engine:
         over_selection: float = 0.0,
         pipeline: Pipeline | None = None,
         run_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1,
         fingerprint: str = "",
         callbacks: Sequence[Callback] = (),
         task_config: Mapping[str, Any] | None = None,
@@ -149,6 +121,8 @@ class Engine:
             raise ValueError(f"max_update_norm must be positive, got {max_update_norm}")
         if max_num_examples < 1:
             raise ValueError(f"max_num_examples must be at least 1, got {max_num_examples}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
         self.max_update_norm = max_update_norm
         self.max_num_examples = max_num_examples
         self.strategy = strategy
@@ -166,6 +140,12 @@ class Engine:
         self.over_selection = over_selection
         self.pipeline = pipeline or Pipeline()
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self._writer: checkpoint.Writer | None = None
+        if self.run_dir is not None:
+            # Only once a checkpoint is on disk may the store forget files older ones need.
+            self._writer = checkpoint.Writer(self.run_dir, lambda: self.memory.checkpointed())
+        self._target: int | None = None  # the last version of the current run() call
         self.fingerprint = fingerprint
         self.callbacks = list(callbacks)
         self.task_config = dict(task_config or {})
@@ -191,7 +171,7 @@ class Engine:
         self._task_params: dict[int, Params] = {0: self.params}
         # check() reads _task_params on the transport's threads; the engine thread writes it.
         self._task_params_lock = threading.Lock()
-        self._log = _VersionLog()
+        self._log = VersionLog()
         self._wall_start = _time.perf_counter()
         self.on_reject: Callable[[Update, str], None] | None = None
         self.resumed_from: Path | None = None
@@ -205,9 +185,18 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def run(self, versions: int) -> None:
-        """Aggregate until the global model reaches ``versions``."""
-        while self.version < versions:
-            self.step()
+        """Aggregate until the global model reaches ``versions``; when this returns, the last
+        version's checkpoint is on disk (an ``OSError`` says it could not be written)."""
+        self._target = versions
+        try:
+            while self.version < versions:
+                self.step()
+        except BaseException:
+            if self._writer is not None:
+                self._writer.settle()  # the newest finished checkpoint is complete on disk
+            raise
+        if self._writer is not None:
+            self._writer.wait()
 
     def step(self) -> None:
         """Drive the transport until the trigger fires once, then aggregate."""
@@ -332,9 +321,7 @@ class Engine:
 
     def _count_rejected(self, reason: str) -> None:
         self.counters.rejected += 1
-        self._log.rejected += 1
-        if len(self._log.reasons) < 5:
-            self._log.reasons.append(reason)
+        self._log.reject(reason)
 
     def _receive(self, update: Update, decoded: Update | None = None) -> None:
         """Take ``update`` as received; ``decoded`` is its payload already decoded by
@@ -472,7 +459,8 @@ class Engine:
             self.state = state
         else:
             metrics = {}
-            self._drop(updates, bad)
+            self.counters.aggregates_dropped += 1
+            warn_dropped(self.version + 1, bad, updates)
         self.version += 1
         self.buffer = []
         self._pending.clear()
@@ -483,75 +471,30 @@ class Engine:
         with self._task_params_lock:
             self._task_params[self.version] = self.params
         self._prune()
-        row = self._row(updates, metrics)
+        row = self._log.row(self.version, self.transport.now(), self.wall, updates, metrics, bad)
         if self.adversary is not None:
             row["byzantine"] = self.adversary.count(updates)
-        if bad is not None:
-            row["aggregate_dropped"] = f"NaN or Inf in {bad}"
-            row["dropped_updates"] = [[u.client_id, u.version] for u in updates]
-        self._log = _VersionLog()
+        self._log = VersionLog()
         # Callbacks first: a crash between the metrics row and the checkpoint repeats the
         # version on resume (its row is rewritten), while the other order could lose the row.
         for cb in self.callbacks:
             cb.on_version(self, row)
-        self.save_checkpoint()
-
-    def _drop(self, updates: Sequence[Update], bad: str) -> None:
-        self.counters.aggregates_dropped += 1
-        took_part = ", ".join(f"client {u.client_id} (version {u.version})" for u in updates[:50])
-        more = f" and {len(updates) - 50} more" if len(updates) > 50 else ""
-        _LOG.warning(
-            "fedlab: warning: version %d not committed: its aggregate has NaN or Inf in %s; "
-            "kept the model and strategy state of version %d; updates that took part: %s%s",
-            self.version + 1,
-            bad,
-            self.version,
-            took_part or "none",
-            more,
-        )
-
-    def _row(self, updates: Sequence[Update], metrics: Any) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "version": self.version,
-            "time": self.transport.now(),
-            "wall": _time.perf_counter() - self._wall_start,
-            "updates": len(updates),
-            "rejected": self._log.rejected,
-            "failed": self._log.failed,
-        }
-        n = sum(u.num_examples for u in updates)
-        keys = sorted({k for u in updates for k in u.metrics})
-        for k in keys:
-            num = sum(u.metrics[k] * u.num_examples for u in updates if k in u.metrics)
-            den = sum(u.num_examples for u in updates if k in u.metrics)
-            if den > 0:
-                row[f"train_{k}"] = num / den
-        if updates:
-            row["staleness"] = sum(self.version - 1 - u.version for u in updates) / len(updates)
-        # Record-level DP: each client reports its own ε; the worst one is what a user asks.
-        eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
-        if eps:
-            row["client_epsilon_max"] = max(eps)
-            row["client_epsilon_mean"] = sum(eps) / len(eps)
-        row["examples"] = n
-        row["bytes_up"] = self._log.bytes_up
-        row["bytes_down"] = self._log.bytes_down
-        if self._log.decoded_bytes:
-            # 32 bits per entry (float32) over the bits actually received.
-            row["compression_ratio"] = (
-                32 * self._log.decoded_entries / (8 * self._log.decoded_bytes)
-            )
-        row.update({f"strategy_{k}": float(v) for k, v in dict(metrics).items()})
-        if self._log.reasons:
-            row["reject_reasons"] = list(self._log.reasons)
-        return row
+        if self._writer is not None:
+            self._writer.poll()  # a write that failed stops the run here
+            if self.version % self.checkpoint_every == 0 or self.version == self._target:
+                self.save_checkpoint(wait=False)
 
     # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def wall(self) -> float:
+        """Wall-clock seconds the run has trained, resumed runs included."""
+        return _time.perf_counter() - self._wall_start
 
     def state_dict(self) -> State:
         """Everything needed to continue the run bit-identically."""
         return {
-            "format": FORMAT,
+            "format": checkpoint.FORMAT,
             "fingerprint": self.fingerprint,
             "version": self.version,
             "params": dict(self.params),
@@ -567,16 +510,10 @@ class Engine:
             "configure_calls": self._configure_calls,
             "task_params": {v: dict(p) for v, p in self._task_params.items()},
             "buffer": [
-                {
-                    "client_id": u.client_id,
-                    "version": u.version,
-                    "payload": dict(u.payload),
-                    "num_examples": u.num_examples,
-                    "metrics": dict(u.metrics),
-                }
+                {**vars(u), "payload": dict(u.payload), "metrics": dict(u.metrics)}
                 for u in self.buffer
             ],
-            "wall": _time.perf_counter() - self._wall_start,
+            "wall": self.wall,
             "transport": self.transport.state_dict(),
             "memory": self.memory.state_dict(),
             "available": list(self._available) if self._available is not None else None,
@@ -584,13 +521,7 @@ class Engine:
 
     def load_state_dict(self, ckpt: State) -> None:
         """Restore from :meth:`state_dict`; in-flight tasks are handed to the transport again."""
-        if ckpt.get("format") != FORMAT:
-            raise CheckpointError(f"unsupported checkpoint format {ckpt.get('format')!r}")
-        if ckpt["fingerprint"] != self.fingerprint:
-            raise CheckpointError(
-                "the checkpoint belongs to a different run configuration "
-                f"(checkpoint {ckpt['fingerprint'][:12]}, this run {self.fingerprint[:12]})"
-            )
+        checkpoint.check(ckpt, self.fingerprint)
         self.version = int(ckpt["version"])
         self.params = dict(ckpt["params"])
         self.state = ckpt["strategy"]
@@ -617,24 +548,37 @@ class Engine:
             self._inflight_config[int(cid)] = entry["config"]
             self.transport.submit(int(cid), Task(v, self._task_params[v], entry["config"]))
 
-    def save_checkpoint(self) -> None:
-        """Atomically write the checkpoint, keeping the previous one beside it."""
-        if self.run_dir is None:
+    @property
+    def checkpointed_version(self) -> int | None:
+        """The version of the newest checkpoint known to be on disk (``None``: none yet)."""
+        return self._writer.written if self._writer is not None else None
+
+    def save_checkpoint(self, *, wait: bool = True) -> None:
+        """Checkpoint the current version (see :mod:`fedlab.checkpoint`).
+
+        The write waits for the one before it, then runs on a background thread; with
+        ``wait`` this returns once it is on disk. Errors of a background write are raised
+        here or by the next call of :meth:`save_checkpoint`, :meth:`run` or :meth:`close`.
+
+        Raises:
+            CheckpointError: the state holds something a checkpoint cannot.
+            OSError: the run directory cannot be written.
+        """
+        if self._writer is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / CHECKPOINT
-        tmp = self.run_dir / (CHECKPOINT + ".new")
+        self._writer.wait()
+        shared = [t for p in self._task_params.values() for t in p.values()]
+        self._writer.submit(checkpoint.snapshot(self.version, self.state_dict(), shared))
+        if wait:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the last checkpoint write (raising its error) and close the transport."""
         try:
-            tensorio.save(tmp, self.state_dict())
-        except TypeError as e:
-            raise CheckpointError(
-                f"cannot checkpoint version {self.version}: state must hold only tensors, "
-                f"numbers, strings, booleans, None, lists and dicts ({e})"
-            ) from e
-        if path.exists():
-            os.replace(path, self.run_dir / PREVIOUS)
-        os.replace(tmp, path)
-        self.memory.checkpointed()
+            if self._writer is not None:
+                self._writer.wait()
+        finally:
+            self.transport.close()
 
     def resume(self) -> None:
         """Load the newest intact checkpoint from ``run_dir``.
@@ -646,25 +590,9 @@ class Engine:
             CheckpointError: no usable checkpoint, or one from another configuration.
         """
         if self.run_dir is None:
-            raise CheckpointError("resume needs a run directory")
-        errors = []
-        for name in (CHECKPOINT, PREVIOUS):
-            path = self.run_dir / name
-            if not path.exists():
-                errors.append(f"{path} does not exist")
-                continue
-            try:
-                ckpt = tensorio.load(path)
-            except tensorio.CorruptFileError as e:
-                errors.append(f"{path} is corrupt: {e}")
-                continue
-            if not isinstance(ckpt, dict):
-                errors.append(f"{path} is not a checkpoint")
-                continue
-            self.load_state_dict(ckpt)
-            self.resumed_from = path
-            self.resume_warnings = errors
-            return
-        raise CheckpointError(
-            "no usable checkpoint in " + str(self.run_dir) + ": " + "; ".join(errors)
-        )
+            raise checkpoint.CheckpointError("resume needs a run directory")
+        ckpt, path, errors = checkpoint.read(self.run_dir)
+        self.load_state_dict(ckpt)
+        self.resumed_from, self.resume_warnings = path, errors
+        if self._writer is not None:
+            self._writer.written = self.version

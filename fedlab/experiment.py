@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from fedlab import interchange, tensorio, tracking
 from fedlab.callbacks import Evaluator, MetricsLog, ProgressBar
 from fedlab.callbacks import read_metrics as read_metrics_log
+from fedlab.checkpoint import CHECKPOINT, NEW, PREVIOUS
 from fedlab.config import NOT_FINGERPRINTED, ConfigError, RunConfig, from_mapping, load_toml
-from fedlab.engine import CHECKPOINT, PREVIOUS, Callback, Engine
+from fedlab.engine import Callback, Engine
 from fedlab.evaluation import CLIENT_METRICS, FederatedEvaluator
 from fedlab.privacy import PrivacyBudgetExhausted
 from fedlab.types import Params
@@ -50,8 +51,8 @@ RUN_FILES = (
     CONFIG,
     CHECKPOINT,
     PREVIOUS,
-    CHECKPOINT + ".new",
-    CHECKPOINT + ".new.tmp",
+    NEW,
+    NEW + ".tmp",
     METRICS,
     METRICS + ".tmp",
     CLIENT_METRICS,
@@ -445,7 +446,7 @@ def _run(
             engine.run(config.rounds)
         except KeyboardInterrupt:
             say(
-                f"stopped at version {engine.version}; continue with: "
+                f"stopped at version {engine.version}{_from(engine)}; continue with: "
                 f"fedlab {command} --resume {run_dir}"
             )
             raise
@@ -455,7 +456,7 @@ def _run(
         finally:
             if bar is not None:
                 bar.close()
-            engine.transport.close()
+            engine.close()  # the last checkpoint write was waited for (or reported) by run()
         final = evaluator.evaluate(engine.params)
         if federated is not None:
             final.update(federated.evaluate(engine.params, engine.version))
@@ -464,7 +465,7 @@ def _run(
             summary["stopped"] = stopped
             say(
                 f"fedlab: privacy budget spent: {stopped}. The checkpoint at version "
-                f"{engine.version} is intact; resuming it stops here again, because "
+                f"{engine.checkpointed_version} is intact; resuming it stops here again, because "
                 "target_epsilon is part of the run's configuration and cannot change on "
                 "resume. To train further, start a new run with a budget that covers it."
             )
@@ -494,6 +495,12 @@ def _run(
     )
 
 
+def _from(engine: Engine) -> str:
+    """Where a resume of ``engine``'s run starts, when not at its current version."""
+    at = engine.checkpointed_version
+    return "" if at in (None, engine.version) else f" (the checkpoint is at version {at})"
+
+
 def _summary(
     engine: Engine, config: RunConfig, final: dict[str, float], command: str
 ) -> dict[str, Any]:
@@ -508,7 +515,7 @@ def _summary(
         "versions": engine.version,
         **final,  # accuracy and loss, or a workload's own metrics (wls: msd, msd_db)
         clock: engine.transport.now(),
-        "wall_seconds": engine.state_dict()["wall"],
+        "wall_seconds": engine.wall,
         "updates_received": engine.counters.received,
         "updates_rejected": engine.counters.rejected,
         "updates_failed": engine.counters.failed,

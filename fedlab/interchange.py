@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fedlab import tensorio
-from fedlab.engine import CHECKPOINT
+from fedlab.checkpoint import CHECKPOINT
 
 MODEL = "model.fl"
 SAFETENSORS = "model.safetensors"

@@ -371,6 +371,7 @@ def build_engine(
         min_updates=config.min_updates,
         over_selection=config.over_selection,
         run_dir=run_dir,
+        checkpoint_every=config.checkpoint_every,
         fingerprint=config.fingerprint(),
         callbacks=callbacks,
         task_config=config.task_config,

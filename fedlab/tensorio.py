@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 MAGIC = b"FEDLAB\x00\x01"
+_EMPTY = memoryview(b"")
 _DIGEST = 32
 # The dtypes a file (or the wire) may carry, by name without "torch.".
 DTYPES: dict[str, torch.dtype] = {
@@ -44,27 +45,47 @@ class CorruptFileError(ValueError):
     """A serialized blob is truncated, tampered with or not a fedlab file."""
 
 
-def dumps(obj: Any) -> bytes:
-    """Serialize a nested structure of containers, scalars and tensors."""
-    chunks: list[bytes] = []
+def dumps(obj: Any, *, share: bool = False) -> bytes:
+    """Serialize a nested structure of containers, scalars and tensors.
+
+    With ``share``, a tensor that appears more than once (the same memory, shape and strides:
+    the same object, or a view of it made by ``detach()``) is written once and every place
+    refers to it; :func:`loads` then returns one tensor object for all of them. Without it
+    each place gets its own bytes and, once loaded, its own tensor.
+    """
+    head, chunks = _encode(obj, share)
+    body = head + b"".join(chunks)
+    return body + hashlib.sha256(body).digest()
+
+
+def _encode(obj: Any, share: bool) -> tuple[bytes, list[memoryview]]:
+    """The file's start (magic, header length, header) and the tensors' bytes, uncopied."""
+    chunks: list[memoryview] = []
     metas: list[dict[str, Any]] = []
     offset = 0
+    seen: dict[tuple[Any, ...], int] = {}
 
     def enc(o: Any, path: str = "") -> Any:
         nonlocal offset
         if isinstance(o, torch.Tensor):
+            key = _identity(o) if share else None
+            if key is not None and key in seen:
+                return {"t": seen[key]}
             t = o.detach().to("cpu").contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            # A view of the tensor's own memory (kept alive by the view): no copy until written.
+            raw = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else _EMPTY
             metas.append(
                 {
                     "dtype": str(t.dtype).removeprefix("torch."),
                     "shape": list(t.shape),
                     "offset": offset,
-                    "nbytes": len(raw),
+                    "nbytes": raw.nbytes,
                 }
             )
             chunks.append(raw)
-            offset += len(raw)
+            offset += raw.nbytes
+            if key is not None:
+                seen[key] = len(metas) - 1
             return {"t": len(metas) - 1}
         if isinstance(o, bool) or o is None or isinstance(o, str | int):
             return {"v": o}
@@ -83,8 +104,19 @@ def dumps(obj: Any) -> bytes:
 
     tree = enc(obj)
     header = json.dumps({"tree": tree, "tensors": metas}, allow_nan=False).encode()
-    body = MAGIC + struct.pack("<Q", len(header)) + header + b"".join(chunks)
-    return body + hashlib.sha256(body).digest()
+    return MAGIC + struct.pack("<Q", len(header)) + header, chunks
+
+
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same bytes: the memory they view and how they view it."""
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
@@ -154,12 +186,22 @@ def _tensor(area: bytearray, meta: Any) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
-def save(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` to ``path`` atomically: a crash leaves the old file or the new one."""
+def save(path: str | os.PathLike[str], obj: Any, *, share: bool = False) -> None:
+    """Write ``obj`` to ``path`` atomically: a crash leaves the old file or the new one.
+
+    ``share`` writes a tensor that appears more than once only once (see :func:`dumps`).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    head, chunks = _encode(obj, share)
+    digest = hashlib.sha256(head)
     with open(tmp, "wb") as f:
-        f.write(dumps(obj))
+        # Streamed from the tensors' memory: no copy of the whole file is made.
+        f.write(head)
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
+        f.write(digest.digest())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -21,9 +21,10 @@ from conftest import (
     small_config,
 )
 from fedlab import registry, tensorio
+from fedlab.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError
 from fedlab.client import ClientContext, Fit
 from fedlab.data import ClientData
-from fedlab.engine import CHECKPOINT, PREVIOUS, CheckpointError, Engine
+from fedlab.engine import Engine
 from fedlab.run import build_engine
 from fedlab.strategies import FedAvg
 from fedlab.types import State, Task, Update

@@ -82,6 +82,8 @@ HELP = {
     "compress": "codec applied to every client update: fedzip, float16, int8, topk, or "
     "pkg.mod:Class (empty: none)",
     "eval_every": "evaluate the global model every N versions",
+    "checkpoint_every": "write the checkpoint every N versions and at the last (1: every "
+    "version); a resumed run repeats the versions after its checkpoint, with the same results",
     "eval_clients": "federated evaluation: test the global model on N sampled clients' own "
     "test splits (or all), every --eval-every versions; 0: off",
     "personalize": "with --eval-clients: also fine-tune K local SGD steps on each evaluated "

@@ -21,8 +21,9 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as _Strategy
 
 from fedlab import seeding
+from fedlab.checkpoint import CHECKPOINT
 from fedlab.config import RunConfig
-from fedlab.engine import CHECKPOINT, Callback, Engine
+from fedlab.engine import Callback, Engine
 from fedlab.flower.client import as_config
 from fedlab.flower.records import (
     ARRAYS,
