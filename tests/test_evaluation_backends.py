@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fedlab
+from fedlab.attacks import PoisonedWorkload
 from fedlab.config import RunConfig
 from fedlab.data import ClientData, Workload
 from fedlab.evaluation import ClientScore, EvalTask, FederatedEvaluator, Scores
@@ -157,3 +158,14 @@ def test_a_run_evaluates_on_its_executor(tmp_path: Path, monkeypatch: pytest.Mon
     for a, b in zip(_rows(inprocess), _rows(vmap), strict=True):
         assert set(a) == set(b) and len(a) == 22
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_malicious_clients_are_evaluated_on_their_own_data() -> None:
+    """A label-flipping client trains on flipped labels; evaluation, on the backend as in the
+    driver, tests and personalises it on its own data."""
+    config, holes, params = _setup("synthetic", attack="label-flip", byzantine=0.4)
+    runtime = build_runtime(config, holes.inner)
+    assert isinstance(runtime.workload, PoisonedWorkload)
+    task = _task(holes.inner, params, 2)
+    driver = FederatedEvaluator(holes.inner, clients=12, seed=4, personalize=2, batch_size=8)
+    assert _flat(InProcessExecutor(runtime).evaluate(task)) == _flat(driver.scores(params, 3))
