@@ -169,3 +169,38 @@ def test_malicious_clients_are_evaluated_on_their_own_data() -> None:
     task = _task(holes.inner, params, 2)
     driver = FederatedEvaluator(holes.inner, clients=12, seed=4, personalize=2, batch_size=8)
     assert _flat(InProcessExecutor(runtime).evaluate(task)) == _flat(driver.scores(params, 3))
+
+
+class Regression(Holes):
+    """Synthetic features with a float target (the label as a number): MSE and MAE."""
+
+    objective = "regression"
+
+    def make_model(self) -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Linear(60, 1)
+
+    def client_data(self, client_id: int, split: str = "train") -> ClientData:
+        data = super().client_data(client_id, split)
+        return ClientData(data.x, data.y.float())
+
+
+def test_another_objective_is_tested_in_batches_and_personalised_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config, holes, _ = _setup("synthetic")
+    workload = Regression(holes.inner)
+    params = dict(workload.make_model().state_dict())
+    runtime = build_runtime(config, workload)
+    for personalize in (0, 2):
+        task = _task(workload, params, personalize)
+        expected = InProcessExecutor(runtime).evaluate(task)
+        assert list(expected[0][0].values) == ["mae", "loss"]
+        with caplog.at_level(logging.WARNING, logger="fedlab.sim.vmap"):
+            got = VmapExecutor(runtime, chunk=4).evaluate(task)
+        if personalize:  # the batched loop trains classification only
+            assert _flat(got) == _flat(expected)
+            assert "evaluates clients one by one: the workload's objective is" in caplog.text
+        else:
+            _assert_close(expected, got)
+            assert "one by one" not in caplog.text
