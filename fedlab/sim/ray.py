@@ -12,6 +12,10 @@ the same object; each actor decodes it once and keeps it for the jobs that follo
 Results are bit-identical to the in-process backend: an actor runs exactly
 ``runtime.run(client_id, task, state)`` with the same seed, tensorio keeps dtypes and bytes
 exactly, and the virtual clock in front of the executor decides the order results are used.
+
+Federated evaluation (``--eval-clients``, :meth:`RayExecutor.evaluate`) goes to the same
+actors: each gets an equal share of the clients in one call and evaluates it as the
+in-process backend does (bit-identical figures), or batched with ``--vectorize``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Client halves and models that cannot be batched (see
 :func:`~fedlab.clients.sgd_vmap.batchable` and
 :func:`~fedlab.clients.sgd_vmap.unbatchable_model`) are trained by the sequential loop,
 announced by one log line, never silently.
+
+Federated evaluation (``--eval-clients``) is batched too: :meth:`VmapExecutor.evaluate` hands
+it to :func:`fedlab.clients.eval_vmap.evaluate_batched`.
 """
 
 from __future__ import annotations
