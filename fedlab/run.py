@@ -27,6 +27,7 @@ from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
 from fedlab.data import WORKLOADS, PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
+from fedlab.evaluation import FederatedEvaluator
 from fedlab.objectives import objective_of
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
@@ -316,6 +317,11 @@ def build_engine(
     pipeline = build_pipeline(config)  # and on a bad codec or codec option
     if transport is None:
         transport = build_transport(config, workload)
+        # Federated evaluation runs on the workers that train (the simulation's executor);
+        # a deployed server's transport has no executor, and evaluates in this process.
+        for callback in callbacks:
+            if isinstance(callback, FederatedEvaluator):
+                callback.bind(transport.executor)
     if params is None:
         params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     participation = build_participation(

@@ -12,6 +12,10 @@ the same object; each actor decodes it once and keeps it for the jobs that follo
 Results are bit-identical to the in-process backend: an actor runs exactly
 ``runtime.run(client_id, task, state)`` with the same seed, tensorio keeps dtypes and bytes
 exactly, and the virtual clock in front of the executor decides the order results are used.
+
+Federated evaluation (``--eval-clients``, :meth:`RayExecutor.evaluate`) goes to the same
+actors: each gets an equal share of the clients in one call and evaluates it as the
+in-process backend does (bit-identical figures), or batched with ``--vectorize``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import socket
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -34,6 +38,10 @@ from fedlab.config import RunConfig, from_mapping
 from fedlab.registry import Group
 from fedlab.sim.transport import Job
 from fedlab.types import ClientId, Params, State, Task, Update
+
+if TYPE_CHECKING:
+    from fedlab.evaluation import EvalTask, Scores
+    from fedlab.sim.transport import Executor
 
 __all__ = ["RayExecutor"]
 
@@ -68,6 +76,7 @@ class _Worker:
         self.config = from_mapping(json.loads(config_json))
         self.runtime = build_runtime(self.config)
         self._params: OrderedDict[int, Params] = OrderedDict()
+        self._evaluator: Executor | None = None
 
     def node_id(self) -> str:
         """The id of the Ray node this actor runs on (hex), for the run's summary."""
@@ -108,6 +117,25 @@ class _Worker:
             executor.submit(Job(spec["client_id"], task, spec["state"]))
         results = [_result(*executor.result(spec["client_id"])) for spec in specs]
         return tensorio.dumps({"results": results})
+
+    def evaluate(self, params_ref: list[Any], settings: bytes) -> bytes:
+        """Evaluate a share of a federated evaluation's clients (:class:`EvalTask` settings
+        as tensorio bytes, the params in the object store), one after another or, with
+        ``--vectorize``, batched as the vmap backend does; return the scores as tensorio."""
+        from fedlab.evaluation import EvalTask, scores_tree
+        from fedlab.sim.inprocess import InProcessExecutor
+        from fedlab.sim.vmap import VmapExecutor
+
+        if self._evaluator is None:
+            # Kept, so the evaluation model and its data cache serve every evaluation.
+            self._evaluator = (
+                VmapExecutor(self.runtime, chunk=self.config.vmap_chunk)
+                if self.config.vectorize
+                else InProcessExecutor(self.runtime)
+            )
+        params = tensorio.loads(ray.get(params_ref[0]))
+        task = EvalTask.from_settings(tensorio.loads(settings), params)
+        return tensorio.dumps(scores_tree(self._evaluator.evaluate(task)))
 
 
 def _result(update: Update, state: State) -> dict[str, Any]:
@@ -348,6 +376,36 @@ class RayExecutor:
             # No queued job starts from this version any more; the object store frees it
             # once the actors' borrowed references are gone.
             del self._params[pending.key]
+
+    def evaluate(self, task: EvalTask) -> Scores:
+        """``task``'s clients on the actors: contiguous equal shares, one call per actor (the
+        params go to the object store once); figures in ``task``'s client order.
+
+        Raises:
+            RuntimeError: an actor failed (the message carries the remote error), or the
+                executor is closed.
+        """
+        from fedlab.evaluation import scores_from_tree
+
+        if not self._actors:
+            raise RuntimeError("the Ray executor is closed: it evaluates no more clients")
+        ref = ray.put(tensorio.dumps(dict(task.params)))
+        settings = task.settings()
+        clients = list(task.clients)
+        share = max(1, math.ceil(len(clients) / len(self._actors)))
+        calls = []
+        for actor, start in enumerate(range(0, len(clients), share)):
+            part = {**settings, "clients": clients[start : start + share]}
+            calls.append((actor, self._actors[actor].evaluate.remote([ref], tensorio.dumps(part))))
+        global_scores: Scores = ([], [])
+        for actor, call in calls:
+            try:
+                got = scores_from_tree(tensorio.loads(ray.get(call)))
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(f"federated evaluation failed on Ray worker {actor}: {e}") from e
+            global_scores[0].extend(got[0])
+            global_scores[1].extend(got[1])
+        return global_scores
 
     def summary(self) -> dict[str, Any]:
         """Where the actors ran, for the run's ``summary.json``: ``ray_nodes`` maps each Ray

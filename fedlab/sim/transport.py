@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.store import MemoryStore
 from fedlab.transport import Failure
 from fedlab.types import ClientId, State, Task, Update
+
+if TYPE_CHECKING:
+    from fedlab.evaluation import EvalTask, Scores
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class Job:
 
 
 class Executor(Protocol):
-    """Computes jobs, possibly in parallel; results are fetched by client id."""
+    """Computes jobs, possibly in parallel; results are fetched by client id. Federated
+    evaluation (``--eval-clients``) runs on the same workers, between versions."""
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; a client has at most one job at a time."""
@@ -34,6 +38,10 @@ class Executor(Protocol):
 
     def result(self, client_id: ClientId) -> tuple[Update, State]:
         """Block until ``client_id``'s job is done; return its update and new client state."""
+        ...
+
+    def evaluate(self, task: EvalTask) -> Scores:
+        """Each of ``task``'s clients' test figures, in its client order (blocks)."""
         ...
 
     def close(self) -> None:

@@ -12,6 +12,9 @@ Client halves and models that cannot be batched (see
 :func:`~fedlab.clients.sgd_vmap.batchable` and
 :func:`~fedlab.clients.sgd_vmap.unbatchable_model`) are trained by the sequential loop,
 announced by one log line, never silently.
+
+Federated evaluation (``--eval-clients``) is batched too: :meth:`VmapExecutor.evaluate` hands
+it to :func:`fedlab.clients.eval_vmap.evaluate_batched`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fedlab.types import ClientId, State, Update
 if TYPE_CHECKING:
     from fedlab.clients.sgd import LocalSGD
     from fedlab.clients.sgd_vmap import BatchItem
+    from fedlab.evaluation import EvalTask, LocalEvaluation, Scores
 
 __all__ = ["VmapExecutor", "auto_chunk", "why_not_batched"]
 
@@ -66,7 +70,9 @@ class VmapExecutor:
         self._queued: dict[ClientId, Job] = {}
         self._done: dict[ClientId, tuple[Update, State]] = {}
         self._announced: set[str] = set()
+        self._announced_eval: set[str] = set()
         self._model_reason = _objective_reason(runtime) or _model_reason(runtime.model)
+        self._evaluation: LocalEvaluation | None = None
 
     def submit(self, job: Job) -> None:
         if job.client_id in self._queued or job.client_id in self._done:
@@ -79,6 +85,33 @@ class VmapExecutor:
                 raise RuntimeError(f"client {client_id} has no job")
             self._run_queued()
         return self._done.pop(client_id)
+
+    def evaluate(self, task: EvalTask) -> Scores:
+        """``task``'s clients at once with :func:`fedlab.clients.eval_vmap.evaluate_batched`
+        (chunked like training); one after another where personalisation cannot be batched
+        (the reasons training has, or augmented data), announced by one log line."""
+        from fedlab.clients.eval_vmap import evaluate_batched
+        from fedlab.evaluation import LocalEvaluation
+
+        if self._evaluation is None:
+            self._evaluation = LocalEvaluation.of(self.runtime)
+        # Without personalisation one model tests everybody: any model and objective batch.
+        reason = self._model_reason if task.personalize else ""
+        if not reason:
+            try:
+                return evaluate_batched(
+                    self._evaluation, task, chunk=self.chunk, budget=self.budget
+                )
+            except (RuntimeError, NotImplementedError) as e:
+                # As in training: nothing was changed, and an error of the evaluation itself
+                # is raised again by the sequential loop.
+                reason = (
+                    f"batched evaluation failed ({(str(e).splitlines() or [type(e).__name__])[0]})"
+                )
+        if reason not in self._announced_eval:
+            self._announced_eval.add(reason)
+            log.warning("fedlab: vmap backend evaluates clients one by one: %s", reason)
+        return self._evaluation(task)
 
     def close(self) -> None:
         self._queued.clear()
