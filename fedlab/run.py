@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlab import privacy, registry
+from fedlab import precision, privacy, registry
 from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
@@ -72,7 +72,8 @@ def build_workload(config: RunConfig) -> Workload:
 
 def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bool = True) -> None:
     """Refuse at start-up what would otherwise fail mid-run with a raw traceback: an optional
-    package the run needs and lacks, or a model that ``--dp sample`` cannot train.
+    package the run needs and lacks, a model that ``--dp sample`` cannot train, or (on a
+    worker) a device without the ``--precision`` asked for.
 
     ``backend=False`` for a worker that only trains (a deployed client, a Ray actor): the
     backend is the server's or driver's business.
@@ -85,6 +86,12 @@ def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bo
             "--backend ray needs Ray, an optional extra this installation lacks: "
             "pip install 'fedlab[ray]' (or leave --backend at inprocess)"
         )
+    if not backend:  # where clients train (a deployed server's own device trains nothing)
+        why = precision.unsupported(config.precision, torch.device(config.device))
+        if why:
+            raise ValueError(
+                f"--precision {config.precision} refused: {why}; train with --precision fp32"
+            )
     if config.dp:
         privacy.require_opacus()
     if config.dp == "sample":

@@ -104,6 +104,9 @@ HELP = {
     "clip_quantile": "adaptive clipping's target quantile of the update norms",
     "clip_lr": "adaptive clipping's geometric step size",
     "drop_last": "leave out the partial last batch of each pass over a client's data",
+    "precision": "local training arithmetic: fp32, or bf16 (forward and loss under bfloat16 "
+    "autocast, fp32 params and optimizer state; for GPUs with native bfloat16, such as A100 "
+    "and H100; allowed on CPU, where it is slower)",
     "vmap_chunk": "--backend vmap: clients per batched call (0: sized from a memory budget)",
     "vectorize": "--backend ray: each actor trains its share of the queued clients as one "
     "batched computation, as --backend vmap does",
