@@ -102,7 +102,7 @@ class RunConfig:
     lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
-    backend: str = "inprocess"
+    backend: str = "auto"
     workers: int = 1
     ray_address: str = ""
     cpus_per_worker: float = 1.0
