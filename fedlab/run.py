@@ -292,7 +292,7 @@ def _batched_forward_fails(runtime: ClientRuntime) -> str:
     try:
         with torch.no_grad():
             vmap(lambda ps, x: functional_call(model, ps, (x,)))(stacked, data.x[:1].unsqueeze(0))
-    except (RuntimeError, NotImplementedError) as e:
+    except Exception as e:  # any failure: the sequential loop, which reports a model's errors
         first = (str(e).splitlines() or [type(e).__name__])[0]
         return f"model {type(model).__name__} cannot be batched: {first}"
     return ""
