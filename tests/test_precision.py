@@ -132,3 +132,23 @@ def test_bf16_on_a_device_without_it_is_refused_at_start_up() -> None:
     check_requirements(config, _cnn())
     with pytest.raises(ValueError, match="--precision bf16 refused: CUDA is not available"):
         check_requirements(config, _cnn(), backend=False)
+
+
+def test_a_deployed_client_trains_at_the_precision_its_tasks_carry() -> None:
+    from fedlab.cli.client import runtime_builder
+    from fedlab.transport.client import Joined
+
+    server = small_config(precision="bf16", workload="digits")
+    runtime = runtime_builder({"device": "cpu"})(Joined("run", server.to_toml(), 1.0))
+    model = runtime.model
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sent = {
+        precision: runtime.run(
+            2, Task(0, params, server.replace(precision=precision).task_config), None
+        )[0].payload
+        for precision in ("bf16", "fp32")
+    }
+    scale = _largest([dict(sent["fp32"])])
+    apart = _apart([dict(sent["bf16"])], [dict(sent["fp32"])])
+    assert all(v.dtype == torch.float32 for v in sent["bf16"].values())
+    assert FP32_ROUNDING * scale < apart < BF16_BOUND * scale
