@@ -6,14 +6,14 @@ one local epoch from the same starting params. Three ways to train them:
 
 - ``sequential``: :meth:`fedlab.clients.LocalSGD.fit`, one client after another on one model
   (what ``--backend inprocess`` does);
-- ``vmap fp32``: :func:`fedlab.clients.sgd.fit_batched` over chunks of clients (what
+- ``vmap fp32``: :func:`fedlab.clients.sgd_vmap.fit_batched` over chunks of clients (what
   ``--backend vmap`` does), chunks sized by :func:`fedlab.sim.vmap.auto_chunk`;
-- ``vmap bf16``: the same under ``torch.autocast(dtype=torch.bfloat16)``: bf16 matmuls and
-  convolutions, fp32 master params (no fedlab flag sets it yet: this measures what one would
-  give).
+- ``sequential bf16`` and ``vmap bf16``: the same with the task setting ``precision = "bf16"``,
+  what ``--precision bf16`` sends (:mod:`fedlab.precision`: bf16 matmuls and convolutions,
+  fp32 master params).
 
-It prints clients per second and how far each batched run's final params are from the
-sequential ones (largest absolute difference of any client's delta, and that over the
+It prints clients per second and how far each other run's final params are from the
+sequential fp32 ones (largest absolute difference of any client's delta, and that over the
 largest delta entry). On a GPU the clock is read after ``torch.cuda.synchronize()``.
 
 Usage::
@@ -100,7 +100,6 @@ def batched(
     task: Task,
     device: torch.device,
     chunk: int,
-    bf16: bool,
 ) -> tuple[float, list[dict[str, torch.Tensor]]]:
     """Seconds and every client's delta, ``chunk`` clients per batched call."""
     algorithm = LocalSGD()
@@ -111,9 +110,8 @@ def batched(
     deltas: list[dict[str, torch.Tensor]] = []
     _sync(device)
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(items), chunk):
-            deltas += [dict(f.payload) for f in fit_batched(algorithm, model, items[i : i + chunk])]
+    for i in range(0, len(items), chunk):
+        deltas += [dict(f.payload) for f in fit_batched(algorithm, model, items[i : i + chunk])]
     _sync(device)
     return time.perf_counter() - start, deltas
 
@@ -153,17 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     chunk = args.chunk or auto_chunk(model, data[0].x[:1], args.batch_size)
     # Warm-up: kernels chosen, caches filled, lazy initialisation done, outside the clock.
     sequential(model, data[:2], task, device)
-    batched(model, data[: min(chunk, 8)], task, device, chunk, bf16=False)
+    batched(model, data[: min(chunk, 8)], task, device, chunk)
     seq_s, ref = sequential(model, data, task, device)
     results: list[dict[str, Any]] = [
         {"way": "sequential", "seconds": seq_s, "clients_per_s": n / seq_s}
     ]
-    for name, bf16 in (("vmap fp32", False), ("vmap bf16", True)):
+    bf16 = Task(0, params, {**config, "precision": "bf16"})
+    ways = (
+        ("sequential bf16", lambda t: sequential(model, data, t, device), bf16),
+        ("vmap fp32", lambda t: batched(model, data, t, device, chunk), task),
+        ("vmap bf16", lambda t: batched(model, data, t, device, chunk), bf16),
+    )
+    for name, way, t in ways:
         try:
-            if bf16:
-                batched(model, data[: min(chunk, 8)], task, device, chunk, bf16=True)
-            secs, got = batched(model, data, task, device, chunk, bf16)
-        except RuntimeError as e:  # bf16 kernels missing on an old CPU or GPU
+            if t is bf16:  # its own warm-up: bf16 kernels are other kernels
+                sequential(model, data[:2], t, device)
+                batched(model, data[: min(chunk, 8)], t, device, chunk)
+            secs, got = way(t)
+        except (RuntimeError, ValueError) as e:  # a device without bf16 says so
             results.append({"way": name, "error": str(e).splitlines()[0]})
             continue
         diff, rel = difference(got, ref)
@@ -183,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         f"epoch; {device} ({name or platform.machine()}), chunk {chunk}, "
         f"threads {args.threads}, torch {torch.__version__}"
     )
-    print(f"{'way':<11} {'seconds':>8} {'clients/s':>10} {'speedup':>8} {'max |diff|':>11}")
+    print(f"{'way':<15} {'seconds':>8} {'clients/s':>10} {'speedup':>8} {'max |diff|':>11}")
     for r in results:
         if "error" in r:
-            print(f"{r['way']:<11} failed: {r['error']}")
+            print(f"{r['way']:<15} failed: {r['error']}")
             continue
         print(
-            f"{r['way']:<11} {r['seconds']:8.2f} {r['clients_per_s']:10.1f} "
+            f"{r['way']:<15} {r['seconds']:8.2f} {r['clients_per_s']:10.1f} "
             f"{r.get('speedup', 1.0):8.1f} {r.get('max_abs_diff', 0.0):11.2e}"
         )
     if args.json:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedlab import privacy, seeding
+from fedlab import precision, privacy, seeding
 from fedlab.client import (
     ClientAlgorithm,
     ClientContext,
@@ -128,6 +128,8 @@ class LocalSGD(ClientAlgorithm):
             fixed-size batches, for which the accounted ``ε`` is an approximation.
         drop_last: leave out the partial last batch of each pass over the data (by default
             it is trained, so an epoch is exactly one pass, as with PyTorch's ``DataLoader``).
+        precision: ``fp32``, or ``bf16`` (forward and loss under bfloat16 autocast, fp32
+            params and momentum; for GPUs, see :mod:`fedlab.precision`).
     """
 
     lr: float = 0.05
@@ -144,6 +146,7 @@ class LocalSGD(ClientAlgorithm):
     dp_versions: int = 0
     poisson: bool = True
     drop_last: bool = False
+    precision: str = "fp32"
 
     def fit(
         self,
@@ -264,18 +267,23 @@ class LocalSGD(ClientAlgorithm):
         loss_sum = torch.zeros((), device=data.x.device)
         score_sums = {name: torch.zeros((), device=data.x.device) for name, _ in objective.metrics}
         seen = clipped = 0
+        at = str(self.setting(task, "precision"))
+        # DP-SGD's per-record gradients run under vmap, which autocast alone does not reach.
+        cast, per_record = precision.autocast(at, data.x.device), precision.lowered(at, forward)
         for idx in batches:
             idx = idx.to(data.x.device)
             x, y = data.x[idx], data.y[idx]
             if data.augment is not None:  # e.g. CIFAR's crop and flip, from the client's stream
                 x = data.augment(x, gen)
             if dp is None:
-                out = forward(params, x)
-                loss = objective.loss(out, y)
+                with cast:  # bf16: forward and loss only; params and gradients stay fp32
+                    out = forward(params, x)
+                    loss = objective.loss(out, y)
                 grads: Sequence[torch.Tensor] = torch.autograd.grad(loss, list(params))
                 loss_sum += loss.detach() * len(idx)
             else:
-                grads, losses, out, c = dp.gradient(forward, params, x, y, noise, objective)
+                with cast:
+                    grads, losses, out, c = dp.gradient(per_record, params, x, y, noise, objective)
                 loss_sum += losses.sum()
                 clipped += c
             with torch.no_grad():

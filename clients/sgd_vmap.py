@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedlab import privacy, seeding
+from fedlab import precision, privacy, seeding
 from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatch_grid
 from fedlab.clients.sgd import LocalSGD, Plan, _SampleDP, dp_result
 from fedlab.data import ClientData
@@ -101,8 +101,13 @@ def fit_batched(algorithm: LocalSGD, model: nn.Module, items: Sequence[BatchItem
                 k: torch.zeros_like(it.task.params[k], device=it.ctx.device) for k in floating
             }
             fits[i] = Fit(payload=payload, num_examples=0, state=it.state)
-    for private in (False, True):
-        group = [i for i in live if bool(algorithm.setting(items[i].task, "dp")) == private]
+    for private, cast in itertools.product((False, True), precision.PRECISIONS):
+        group = [
+            i
+            for i in live
+            if bool(algorithm.setting(items[i].task, "dp")) == private
+            and algorithm.setting(items[i].task, "precision") == cast
+        ]
         if not group:
             continue
         plans = {i: algorithm.plan(items[i].task, len(items[i].data)) for i in group}
@@ -122,7 +127,7 @@ def fit_batched(algorithm: LocalSGD, model: nn.Module, items: Sequence[BatchItem
             else None
         )
         chosen = [items[i] for i in group]
-        trained = _train_stacked(model, chosen, [plans[i] for i in group], dps, floating)
+        trained = _train_stacked(model, chosen, [plans[i] for i in group], dps, floating, cast)
         for i, fit in zip(group, trained, strict=True):
             fits[i] = fit
     return [f for f in fits if f is not None]
@@ -176,8 +181,10 @@ def _train_stacked(
     plans: Sequence[Plan],
     dps: Sequence[_SampleDP] | None,
     floating: list[str],
+    cast: str = "fp32",
 ) -> list[Fit]:
-    """Train ``items`` (ordered by step count) with ``plans``, and DP-SGD when ``dps``."""
+    """Train ``items`` (ordered by step count) with ``plans``, and DP-SGD when ``dps``, the
+    forward and loss at precision ``cast`` (:func:`fedlab.precision.autocast`)."""
     device = items[0].data.x.device
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     shapes = dict(model.state_dict())
@@ -199,17 +206,20 @@ def _train_stacked(
     correct = torch.zeros(n_clients, dtype=torch.long, device=device)
     clipped = torch.zeros(n_clients, dtype=torch.long, device=device)
     if dps is None:
-        step = _plain_step(model, names)
+        step = _plain_step(model, names, cast)
     else:
-        dp_step = _DPStep(model, names, items, dps, dtype, device)
+        dp_step = _DPStep(model, names, items, dps, dtype, device, cast)
+    autocast = precision.autocast(cast, device)
     for s, (k, width) in enumerate(schedule):
         b_idx = idx[:k, s, :width]
         w = valid[:k, s, :width]
         ps = [p[:k] for p in params]
         if dps is None:
-            grads, totals, hits = step(ps, xs[b_idx], ys[b_idx], w.to(dtype))
+            with autocast:  # bf16: forward and loss only; params and gradients stay fp32
+                grads, totals, hits = step(ps, xs[b_idx], ys[b_idx], w.to(dtype))
         else:
-            grads, totals, hits, n_clipped = dp_step(ps, xs[b_idx], ys[b_idx], w)
+            with autocast:
+                grads, totals, hits, n_clipped = dp_step(ps, xs[b_idx], ys[b_idx], w)
             clipped[:k] += n_clipped
         with torch.no_grad():
             update(params, grads, k)
@@ -240,9 +250,11 @@ Step = Callable[
 ]
 
 
-def _plain_step(model: nn.Module, names: list[str]) -> Step:
+def _plain_step(model: nn.Module, names: list[str], cast: str = "fp32") -> Step:
     batched_forward = vmap(
-        lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+        precision.lowered(
+            cast, lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+        )
     )
 
     def step(
@@ -277,11 +289,16 @@ class _DPStep:
         dps: Sequence[_SampleDP],
         dtype: torch.dtype,
         device: torch.device,
+        cast: str = "fp32",
     ) -> None:
+        forward = precision.lowered(
+            cast, lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+        )
+
         def loss(
             ps: tuple[torch.Tensor, ...], xr: torch.Tensor, yr: torch.Tensor
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-            out = functional_call(model, dict(zip(names, ps, strict=True)), (xr.unsqueeze(0),))
+            out = forward(ps, xr.unsqueeze(0))
             value = F.cross_entropy(out, yr.unsqueeze(0))
             return value, (value.detach(), out.detach().squeeze(0))
 

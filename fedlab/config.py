@@ -27,6 +27,7 @@ DP_LEVELS = ("", "sample", "client")
 DP_NOISES = ("central", "local")
 MEMORIES = ("memory", "disk")
 TRACKERS = ("tensorboard", "mlflow")
+PRECISIONS = ("fp32", "bf16")  # fedlab.precision.PRECISIONS (this module imports no torch)
 # ``eval_clients = "all"``: every client (stored as the number of clients).
 ALL = "all"
 
@@ -102,7 +103,7 @@ class RunConfig:
     lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
-    backend: str = "inprocess"
+    backend: str = "auto"
     workers: int = 1
     ray_address: str = ""
     cpus_per_worker: float = 1.0
@@ -147,6 +148,7 @@ class RunConfig:
     max_num_examples: int = 2**31 - 1
     # Local training loop and the vectorised backend (issue 11).
     drop_last: bool = False
+    precision: str = "fp32"
     vmap_chunk: int = 0
     vectorize: bool = False
 
@@ -202,6 +204,8 @@ class RunConfig:
             raise ConfigError("one of local_steps or local_epochs must be positive")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.vectorize and self.backend != "ray":
             raise ConfigError(
                 "vectorize batches the clients of each Ray actor: it needs backend = 'ray' "
@@ -269,6 +273,7 @@ class RunConfig:
             raise ConfigError(
                 f"max_num_examples must be in [1, 2**53], got {self.max_num_examples}"
             )
+
     def _check_log(self) -> None:
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown:
@@ -295,6 +300,8 @@ class RunConfig:
         }
         if self.drop_last:  # sent only when set: clients default to the partial last batch
             config["drop_last"] = True
+        if self.precision != "fp32":  # likewise: clients train in fp32 unless told otherwise
+            config["precision"] = self.precision
         if self.dp == "sample":
             config.update(
                 dp=True,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlab import privacy, registry
+from fedlab import precision, privacy, registry
 from fedlab.attacks import Adversary, PoisonedWorkload, build_adversary
 from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
@@ -32,12 +32,12 @@ from fedlab.objectives import objective_of
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
-from fedlab.sim.transport import Executor, SimTransport
+from fedlab.sim.transport import Executor, Job, SimTransport
 from fedlab.store import ClientStore, MemoryStore
 from fedlab.strategy import Buffer, Strategy
 from fedlab.transforms import Pipeline, UpdateTransform
 from fedlab.transport import Transport
-from fedlab.types import Params
+from fedlab.types import ClientId, Params, State, Update
 
 if TYPE_CHECKING:
     from fedlab.strategies.dp_fedavg import DPFedAvg
@@ -74,7 +74,8 @@ def build_workload(config: RunConfig) -> Workload:
 
 def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bool = True) -> None:
     """Refuse at start-up what would otherwise fail mid-run with a raw traceback: an optional
-    package the run needs and lacks, or a model that ``--dp sample`` cannot train.
+    package the run needs and lacks, a model that ``--dp sample`` cannot train, or (on a
+    worker) a device without the ``--precision`` asked for.
 
     ``backend=False`` for a worker that only trains (a deployed client, a Ray actor): the
     backend is the server's or driver's business.
@@ -87,6 +88,12 @@ def check_requirements(config: RunConfig, model: torch.nn.Module, *, backend: bo
             "--backend ray needs Ray, an optional extra this installation lacks: "
             "pip install 'fedlab[ray]' (or leave --backend at inprocess)"
         )
+    if not backend:  # where clients train (a deployed server's own device trains nothing)
+        why = precision.unsupported(config.precision, torch.device(config.device))
+        if why:
+            raise ValueError(
+                f"--precision {config.precision} refused: {why}; train with --precision fp32"
+            )
     if config.dp:
         privacy.require_opacus()
     if config.dp == "sample":
@@ -242,24 +249,110 @@ def build_attack(config: RunConfig) -> Adversary | None:
     )
 
 
+# ``--backend auto`` on the CPU: batching removes per-client, per-step Python and dispatch
+# overhead, which dominates a small model's step; a large model's step is arithmetic, which the
+# batched form does no faster on a CPU (a convolution with per-client weights becomes a grouped
+# convolution, which CPU kernels run slowly) while it holds every client's params at once.
+# Measured on 2 cores (benchmarks/README.md): the digits CNN (35 k parameters) and the synthetic
+# logistic model train 2-5x faster batched, the LEAF FEMNIST CNN (6.6 M) 1.8-2.4x slower. On a
+# GPU batching pays at every size.
+CPU_BATCHED_MAX_PARAMS = 1_000_000
+
+
+def auto_backend(runtime: ClientRuntime) -> str:
+    """Why ``--backend auto`` trains ``runtime``'s clients one after another ("" when it picks
+    vmap): the vmap backend would not batch them, the model has an operation ``vmap`` cannot
+    batch (one forward of client 0's first example tells), or they train on the CPU and the
+    model has more than :data:`CPU_BATCHED_MAX_PARAMS` parameters."""
+    from fedlab.sim.vmap import why_not_batched
+
+    reason = why_not_batched(runtime) or _batched_forward_fails(runtime)
+    if reason or runtime.device.type != "cpu":
+        return reason
+    size = sum(p.numel() for p in runtime.model.parameters())
+    if size > CPU_BATCHED_MAX_PARAMS:
+        return (
+            f"{size / 1e6:.1f} M parameters: on the CPU, models over "
+            f"{CPU_BATCHED_MAX_PARAMS / 1e6:g} M train faster one client after another"
+        )
+    return ""
+
+
+def _batched_forward_fails(runtime: ClientRuntime) -> str:
+    # The vmap backend finds this out at its first call too, and falls back with a warning;
+    # auto asks first, so a default run on an LSTM (Shakespeare's) is not warned about.
+    from torch.func import functional_call, vmap
+
+    try:
+        data = runtime.data(0)
+    except Exception:  # the run reports it, naming the client and version; no probe then
+        return ""
+    if len(data) == 0:
+        return ""
+    model = runtime.model
+    stacked = {k: p.detach().unsqueeze(0) for k, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            vmap(lambda ps, x: functional_call(model, ps, (x,)))(stacked, data.x[:1].unsqueeze(0))
+    except Exception as e:  # any failure: the sequential loop, which reports a model's errors
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return f"model {type(model).__name__} cannot be batched: {first}"
+    return ""
+
+
 def build_executor(config: RunConfig, workload: Workload) -> Executor:
-    """The backend that trains clients."""
+    """The backend that trains clients; ``auto`` says which it picked in one INFO line, when
+    the first job arrives."""
     if config.backend == "ray":
         from fedlab.sim.ray import RayExecutor
 
         return RayExecutor(config)
-    if config.backend in ("vmap", "auto"):
-        from fedlab.sim.vmap import VmapExecutor, why_not_batched
+    runtime = build_runtime(config, workload)
+    if config.backend == "auto":
+        reason = auto_backend(runtime)
+        picked = f"inprocess ({reason})" if reason else "vmap"
+        chosen = (
+            InProcessExecutor(runtime) if reason else _vmap_executor(runtime, config.vmap_chunk)
+        )
+        return Announced(chosen, f"fedlab: --backend auto picked {picked}")
+    if config.backend == "vmap":
+        return _vmap_executor(runtime, config.vmap_chunk)
+    return InProcessExecutor(runtime)
 
-        runtime = build_runtime(config, workload)
-        if config.backend == "auto":
-            reason = why_not_batched(runtime)
-            picked = f"inprocess ({reason})" if reason else "vmap"
-            logging.getLogger("fedlab.sim").warning("fedlab: --backend auto picked %s", picked)
-            if reason:
-                return InProcessExecutor(runtime)
-        return VmapExecutor(runtime, chunk=config.vmap_chunk)
-    return InProcessExecutor(build_runtime(config, workload))
+
+def _vmap_executor(runtime: ClientRuntime, chunk: int) -> Executor:
+    from fedlab.sim.vmap import VmapExecutor
+
+    return VmapExecutor(runtime, chunk=chunk)
+
+
+class Announced:
+    """``executor``, which logs ``line`` (INFO, logger ``fedlab.sim``) when its first job
+    arrives: a run that fails to start (a bad tracker URI, a resume refused) says only why.
+
+    Attributes:
+        inner: the executor doing the work (its other attributes read through).
+    """
+
+    def __init__(self, executor: Executor, line: str) -> None:
+        self.inner = executor
+        self._line = line
+
+    def submit(self, job: Job) -> None:
+        if self._line:
+            logging.getLogger("fedlab.sim").info("%s", self._line)
+            self._line = ""
+        self.inner.submit(job)
+
+    def result(self, client_id: ClientId) -> tuple[Update, State]:
+        return self.inner.result(client_id)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> object:
+        # Called only for names this class lacks: an executor's own summary() and the like.
+        return getattr(self.inner, name)
 
 
 def build_speeds(config: RunConfig) -> SpeedModel:

@@ -95,7 +95,8 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _config(**changes: Any) -> RunConfig:
-    base: dict[str, Any] = dict(clients=40, fraction=0.25, rounds=3, seed=7)
+    # The sequential backend unless a test names another: Ray actors run its code bit for bit.
+    base: dict[str, Any] = dict(clients=40, fraction=0.25, rounds=3, seed=7, backend="inprocess")
     return RunConfig(**{**base, **changes})
 
 

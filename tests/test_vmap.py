@@ -395,13 +395,46 @@ def test_models_with_buffers_or_dropout_are_not_batched() -> None:
 def test_auto_backend_picks_vmap_where_it_batches_and_says_which(
     changes: dict[str, Any], picked: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from fedlab.run import Announced
     from fedlab.sim.inprocess import InProcessExecutor
     from fedlab.sim.vmap import VmapExecutor
 
     config = small_config(backend="auto", **changes)
-    with caplog.at_level(logging.WARNING, logger="fedlab.sim"):
+    with caplog.at_level(logging.INFO, logger="fedlab.sim"):
         engine = build_engine(config)
-    lines = [r.getMessage() for r in caplog.records if "--backend auto" in r.getMessage()]
-    assert len(lines) == 1 and f"picked {picked}" in lines[0]
+        assert not any("--backend auto" in r.getMessage() for r in caplog.records)
+        engine.run(2)  # said once, when the first job arrives
+    lines = [r for r in caplog.records if "--backend auto" in r.getMessage()]
+    assert len(lines) == 1 and f"picked {picked}" in lines[0].getMessage()
+    assert lines[0].levelno == logging.INFO  # news, not a warning
     executor = engine.transport.executor  # type: ignore[attr-defined]
-    assert isinstance(executor, VmapExecutor if picked == "vmap" else InProcessExecutor)
+    assert isinstance(executor, Announced)
+    assert isinstance(executor.inner, VmapExecutor if picked == "vmap" else InProcessExecutor)
+
+
+def test_auto_is_the_default_and_keeps_large_models_sequential_on_the_cpu() -> None:
+    from fedlab.run import CPU_BATCHED_MAX_PARAMS, auto_backend
+
+    assert RunConfig().backend == "auto"
+    runtime = build_runtime(small_config())
+    assert auto_backend(runtime) == ""  # the synthetic logistic model: batched
+    # The LEAF FEMNIST CNN's size class (6.6 M parameters): sequential on the CPU, with why.
+    features = runtime.data(0).x.shape[1]
+    runtime.model = torch.nn.Linear(features, CPU_BATCHED_MAX_PARAMS // features + 1)
+    assert "M parameters: on the CPU" in auto_backend(runtime)
+    # An LSTM (Shakespeare's model) has no batching rule: auto knows before training.
+    runtime.model = Recurrent(features)
+    assert "cannot be batched: Batching rule not implemented for aten::lstm" in (
+        auto_backend(runtime)
+    )
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(features, 4, batch_first=True)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.unsqueeze(1))
+        return self.head(out[:, -1])  # type: ignore[no-any-return]

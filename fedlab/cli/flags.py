@@ -57,9 +57,10 @@ HELP = {
     "lr": "client learning rate",
     "batch_size": "client minibatch size (0: full batch)",
     "seed": "run seed; every random stream derives from it",
-    "backend": "inprocess (default, no cluster), ray, vmap (all queued clients trained as "
-    "one batched computation; see docs/how-to-vmap-backend.md), or auto (vmap where the "
-    "client half and model are batched, else inprocess; says which)",
+    "backend": "auto (vmap where the client half and model are batched, and on the CPU the "
+    "model has at most 1M parameters, else inprocess; says which), inprocess (one client "
+    "after another), vmap (all queued clients trained as one batched computation; see "
+    "docs/how-to-vmap-backend.md) or ray",
     "workers": "Ray actors (each holds one model and serves many clients)",
     "ray_address": "join the running Ray cluster at this address (its head's host:port) "
     "instead of starting a local Ray; fedlab only disconnects from it at the end",
@@ -106,6 +107,9 @@ HELP = {
     "clip_quantile": "adaptive clipping's target quantile of the update norms",
     "clip_lr": "adaptive clipping's geometric step size",
     "drop_last": "leave out the partial last batch of each pass over a client's data",
+    "precision": "local training arithmetic: fp32, or bf16 (forward and loss under bfloat16 "
+    "autocast, fp32 params and optimizer state; for GPUs with native bfloat16, such as A100 "
+    "and H100; allowed on CPU, where it is slower)",
     "vmap_chunk": "--backend vmap: clients per batched call (0: sized from a memory budget)",
     "vectorize": "--backend ray: each actor trains its share of the queued clients as one "
     "batched computation, as --backend vmap does",

@@ -1,4 +1,5 @@
-"""The default backend: clients trained one after another in this process, on one model."""
+"""The sequential backend: clients trained one after another in this process, on one model
+(``--backend inprocess``, or what ``--backend auto`` picks where batching would not pay)."""
 
 from __future__ import annotations
 

@@ -146,25 +146,32 @@ class VmapExecutor:
             )
             for job in batched
         ]
-        size = self.chunk or self._auto_chunk(algorithm, items)
+        try:  # sizing runs the model once: a model that fails there fails as below
+            size = self.chunk or self._auto_chunk(algorithm, items)
+        except (RuntimeError, NotImplementedError) as e:
+            self._sequentially(batched, e)
+            return
         for start in range(0, len(batched), size):
             part = batched[start : start + size]
             try:
                 fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
             except (RuntimeError, NotImplementedError) as e:
-                # A model torch.func cannot batch (data-dependent control flow, an op without
-                # a batching rule): nothing was changed, so the sequential loop takes over;
-                # an error of the task itself will be raised there again.
-                first = (str(e).splitlines() or [type(e).__name__])[0]
-                self._model_reason = f"batched training of this model failed ({first})"
-                self._announce(self._model_reason)
-                for job in batched[start:]:
-                    self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
+                self._sequentially(batched[start:], e)
                 return
             for job, fit in zip(part, fits, strict=True):
                 self._done[job.client_id] = self.runtime.complete(
                     job.client_id, job.task, job.state, fit
                 )
+
+    def _sequentially(self, jobs: list[Job], error: Exception) -> None:
+        # A model torch.func cannot batch (data-dependent control flow, an op without a
+        # batching rule): nothing was changed, so the sequential loop takes over; an error of
+        # the task or the model itself is raised there again, naming client and version.
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        self._model_reason = f"batched training of this model failed ({first})"
+        self._announce(self._model_reason)
+        for job in jobs:
+            self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
 
     def _auto_chunk(self, algorithm: LocalSGD, items: list[BatchItem]) -> int:
         width = max(algorithm.plan(it.task, max(len(it.data), 1)).batch_size for it in items)
