@@ -27,7 +27,7 @@ from fedlab.client import ClientAlgorithm, ClientRuntime
 from fedlab.config import RunConfig
 from fedlab.data import WORKLOADS, PublicSample, Workload, make_workload
 from fedlab.engine import Callback, Engine
-from fedlab.evaluation import FederatedEvaluator
+from fedlab.evaluation import EvalTask, FederatedEvaluator, Scores
 from fedlab.objectives import objective_of
 from fedlab.participation import build_participation
 from fedlab.sim.clock import LatencyModel, SpeedModel
@@ -346,6 +346,9 @@ class Announced:
 
     def result(self, client_id: ClientId) -> tuple[Update, State]:
         return self.inner.result(client_id)
+
+    def evaluate(self, task: EvalTask) -> Scores:
+        return self.inner.evaluate(task)
 
     def close(self) -> None:
         self.inner.close()

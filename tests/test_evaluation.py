@@ -171,8 +171,10 @@ def test_evaluation_is_deterministic_and_changes_no_trained_number(tmp_path: Pat
 
 
 def test_eval_every_applies_and_the_evaluator_alone_matches_the_run(tmp_path: Path) -> None:
+    # The in-process backend: the evaluator alone evaluates sequentially, as it does.
     history = fedlab.simulate(
-        rounds=3, out=str(tmp_path / "r"), eval_clients=3, eval_every=2, **TINY
+        rounds=3, out=str(tmp_path / "r"), eval_clients=3, eval_every=2, backend="inprocess",
+        **TINY,
     )
     has = ["client_accuracy_mean" in row for row in history.rows]
     assert has == [False, True, True]  # version 2 and the last one

@@ -148,7 +148,7 @@ def test_a_run_evaluates_on_its_executor(tmp_path: Path, monkeypatch: pytest.Mon
         rounds=2, clients=8, fraction=0.5, local_steps=3, seed=5, eval_clients="all",
         personalize=3,
     )  # fmt: skip
-    inprocess = fedlab.simulate(out=str(tmp_path / "i"), **settings)
+    inprocess = fedlab.simulate(out=str(tmp_path / "i"), backend="inprocess", **settings)
     vmap = fedlab.simulate(out=str(tmp_path / "v"), backend="vmap", vmap_chunk=3, **settings)
     assert calls == [("InProcessExecutor", 1, 8), ("InProcessExecutor", 2, 8),
                      ("VmapExecutor", 1, 8), ("VmapExecutor", 2, 8)]  # fmt: skip

@@ -79,7 +79,7 @@ def test_a_ray_run_reports_the_inprocess_figures(ray_session: None, tmp_path: Pa
     settings: dict[str, Any] = dict(
         rounds=2, clients=10, fraction=0.4, local_steps=3, seed=6, eval_clients=7, personalize=2
     )
-    expected = fedlab.simulate(out=str(tmp_path / "i"), **settings)
+    expected = fedlab.simulate(out=str(tmp_path / "i"), backend="inprocess", **settings)
     got = fedlab.simulate(out=str(tmp_path / "r"), backend="ray", workers=2, **settings)
     columns = [k for k in expected.rows[-1] if k.startswith(("client", "personalized"))]
     assert len(columns) == 22
