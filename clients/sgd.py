@@ -258,7 +258,13 @@ class LocalSGD(ClientAlgorithm):
             if dp is not None and dp.poisson
             else minibatches(n, bs_eff, steps, gen, drop_last=plan.drop_last)
         )
-        noise = seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
+        # The noise stream exists only with DP-SGD: deriving its seed costs a SeedSequence
+        # per task, which a run without DP must not pay.
+        noise = (
+            seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
+            if dp is not None
+            else None
+        )
         objective = ctx.objective  # the workload's loss and metrics
         buffers: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=data.x.device)
@@ -275,6 +281,7 @@ class LocalSGD(ClientAlgorithm):
                 grads: Sequence[torch.Tensor] = torch.autograd.grad(loss, list(params))
                 loss_sum += loss.detach() * len(idx)
             else:
+                assert noise is not None  # made with dp
                 grads, losses, out, c = dp.gradient(forward, params, x, y, noise, objective)
                 loss_sum += losses.sum()
                 clipped += c
