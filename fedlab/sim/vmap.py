@@ -66,6 +66,7 @@ class VmapExecutor:
         self._queued: dict[ClientId, Job] = {}
         self._done: dict[ClientId, tuple[Update, State]] = {}
         self._announced: set[str] = set()
+        self._chunks: dict[tuple[object, ...], int] = {}
         self._model_reason = _objective_reason(runtime) or _model_reason(runtime.model)
 
     def submit(self, job: Job) -> None:
@@ -102,36 +103,35 @@ class VmapExecutor:
             for job in jobs:
                 self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
             return
-        batched = jobs
         assert isinstance(algorithm, LocalSGD)  # batchable() said so
-        items = [
-            BatchItem(
-                data=self.runtime.data(job.client_id),
-                task=job.task,
-                state=(job.state or {}).get("client"),
-                ctx=self.runtime.context(job.client_id),
-            )
-            for job in batched
-        ]
-        size = self.chunk or self._auto_chunk(algorithm, items)
-        for start in range(0, len(batched), size):
-            part = batched[start : start + size]
-            try:
-                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
-            except (RuntimeError, NotImplementedError) as e:
-                # A model torch.func cannot batch (data-dependent control flow, an op without
-                # a batching rule): nothing was changed, so the sequential loop takes over;
-                # an error of the task itself will be raised there again.
-                first = (str(e).splitlines() or [type(e).__name__])[0]
-                self._model_reason = f"batched training of this model failed ({first})"
-                self._announce(self._model_reason)
-                for job in batched[start:]:
-                    self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
-                return
-            for job, fit in zip(part, fits, strict=True):
-                self._done[job.client_id] = self.runtime.complete(
-                    job.client_id, job.task, job.state, fit
+        start = 0
+        try:
+            items = [
+                BatchItem(
+                    data=self.runtime.data(job.client_id),
+                    task=job.task,
+                    state=(job.state or {}).get("client"),
+                    ctx=self.runtime.context(job.client_id),
                 )
+                for job in jobs
+            ]
+            size = self.chunk or self._auto_chunk(algorithm, items)
+            for start in range(0, len(jobs), size):
+                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
+                for job, fit in zip(jobs[start : start + size], fits, strict=True):
+                    self._done[job.client_id] = self.runtime.complete(
+                        job.client_id, job.task, job.state, fit
+                    )
+        except Exception as e:
+            # A model torch.func cannot batch (data-dependent control flow, an op without a
+            # batching rule), or an error of one task: nothing of the jobs not done yet was
+            # changed, so the sequential loop takes them over, and raises a task's own error
+            # again there, as the TrainingError that names its client and version.
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            self._model_reason = f"batched training of this model failed ({first})"
+            self._announce(self._model_reason)
+            for job in jobs[start:]:
+                self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
 
     def _auto_chunk(self, algorithm: LocalSGD, items: list[BatchItem]) -> int:
         width = max(algorithm.plan(it.task, max(len(it.data), 1)).batch_size for it in items)
@@ -139,9 +139,15 @@ class VmapExecutor:
         if example is None:  # nobody has data: nothing is trained
             return len(items)
         private = any(algorithm.setting(it.task, "dp") for it in items)
-        return auto_chunk(
-            self.runtime.model, example, width, self.budget, records=width if private else 0
-        )
+        # The size depends on the model, the example's shape and the widest batch, which a
+        # run keeps from version to version: measuring activations once per key suffices
+        # (the free memory on a GPU is read once too, so chunks do not shrink as it fills).
+        key = (tuple(example.shape), example.dtype, example.device, width, private)
+        if key not in self._chunks:
+            self._chunks[key] = auto_chunk(
+                self.runtime.model, example, width, self.budget, records=width if private else 0
+            )
+        return self._chunks[key]
 
     def _announce(self, reason: str) -> None:
         if reason not in self._announced:
