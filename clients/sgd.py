@@ -156,9 +156,17 @@ class LocalSGD(ClientAlgorithm):
         model.train()
         names = [k for k, p in model.named_parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
+        # functional_call looks for tied weights on every call, walking the whole module
+        # tree (half the overhead of a small model's forward); only a model with a
+        # parameter under two names needs it.
+        tied = len(model.state_dict()) > len(dict(model.named_parameters())) + len(
+            dict(model.named_buffers())
+        )
 
         def forward(tensors: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = functional_call(model, dict(zip(names, tensors, strict=True)), (x,))
+            out: torch.Tensor = functional_call(
+                model, dict(zip(names, tensors, strict=True)), (x,), tie_weights=tied
+            )
             return out
 
         metrics, state = self.train(data, task, ctx, params, forward, state)

@@ -262,8 +262,12 @@ Step = Callable[
 
 
 def _plain_step(model: nn.Module, names: list[str]) -> Step:
+    # No tie_weights lookup per call (it walks the whole module tree): unbatchable_model
+    # refuses tied parameters, so there is nothing to tie.
     batched_forward = vmap(
-        lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+        lambda ps, x: functional_call(
+            model, dict(zip(names, ps, strict=True)), (x,), tie_weights=False
+        )
     )
 
     def step(
@@ -306,7 +310,9 @@ class _DPStep:
         def loss(
             ps: tuple[torch.Tensor, ...], xr: torch.Tensor, yr: torch.Tensor
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-            out = functional_call(model, dict(zip(names, ps, strict=True)), (xr.unsqueeze(0),))
+            out = functional_call(
+                model, dict(zip(names, ps, strict=True)), (xr.unsqueeze(0),), tie_weights=False
+            )
             value = F.cross_entropy(out, yr.unsqueeze(0))
             return value, (value.detach(), out.detach().squeeze(0))
 
