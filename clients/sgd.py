@@ -159,8 +159,9 @@ class LocalSGD(ClientAlgorithm):
         # functional_call looks for tied weights on every call, walking the whole module
         # tree (half the overhead of a small model's forward); only a model with a
         # parameter under two names needs it.
-        tied = len(model.state_dict()) > len(dict(model.named_parameters())) + len(
-            dict(model.named_buffers())
+        tied = any(
+            len(list(named(remove_duplicate=False))) > len(list(named()))
+            for named in (model.named_parameters, model.named_buffers)
         )
 
         def forward(tensors: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
