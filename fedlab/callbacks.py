@@ -107,8 +107,10 @@ def _total(parts: list[torch.Tensor]) -> float:
     """The sum of per-batch sums, exact for counts (integer tensors)."""
     if not parts:
         return 0.0
-    total = torch.stack(parts).sum(dtype=torch.float64 if parts[0].is_floating_point() else None)
-    return float(total) if total.is_floating_point() else float(int(total))
+    sums = torch.stack(parts).cpu()  # the one copy to the host; float64 exists on every CPU
+    if sums.is_floating_point():
+        return float(sums.sum(dtype=torch.float64))
+    return float(int(sums.sum()))
 
 
 class MetricsError(ValueError):
