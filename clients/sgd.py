@@ -159,9 +159,18 @@ class LocalSGD(ClientAlgorithm):
         model.train()
         names = [k for k, p in model.named_parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
+        # functional_call looks for tied weights on every call, walking the whole module
+        # tree (half the overhead of a small model's forward); only a model with a
+        # parameter under two names needs it.
+        tied = any(
+            len(list(named(remove_duplicate=False))) > len(list(named()))
+            for named in (model.named_parameters, model.named_buffers)
+        )
 
         def forward(tensors: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = functional_call(model, dict(zip(names, tensors, strict=True)), (x,))
+            out: torch.Tensor = functional_call(
+                model, dict(zip(names, tensors, strict=True)), (x,), tie_weights=tied
+            )
             return out
 
         metrics, state = self.train(data, task, ctx, params, forward, state)
@@ -261,7 +270,13 @@ class LocalSGD(ClientAlgorithm):
             if dp is not None and dp.poisson
             else minibatches(n, bs_eff, steps, gen, drop_last=plan.drop_last)
         )
-        noise = seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
+        # The noise stream exists only with DP-SGD: deriving its seed costs a SeedSequence
+        # per task, which a run without DP must not pay.
+        noise = (
+            seeding.torch_generator(ctx.seed, privacy.NOISE, task.version, ctx.client_id)
+            if dp is not None
+            else None
+        )
         objective = ctx.objective  # the workload's loss and metrics
         buffers: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=data.x.device)
@@ -282,6 +297,7 @@ class LocalSGD(ClientAlgorithm):
                 grads: Sequence[torch.Tensor] = torch.autograd.grad(loss, list(params))
                 loss_sum += loss.detach() * len(idx)
             else:
+                assert noise is not None  # made with dp
                 with cast:
                     grads, losses, out, c = dp.gradient(per_record, params, x, y, noise, objective)
                 loss_sum += losses.sum()

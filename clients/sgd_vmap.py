@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedlab import precision, privacy, seeding
-from fedlab.client import ClientAlgorithm, ClientContext, Fit, minibatch_grid
+from fedlab.client import ClientAlgorithm, ClientContext, Fit, batches_per_pass
 from fedlab.clients.sgd import LocalSGD, Plan, _SampleDP, dp_result
 from fedlab.data import ClientData
 from fedlab.types import State, Task
@@ -94,9 +94,8 @@ def fit_batched(algorithm: LocalSGD, model: nn.Module, items: Sequence[BatchItem
     fits: list[Fit | None] = [None] * len(items)
     floating = [k for k, v in model.state_dict().items() if v.is_floating_point()]
     live = [i for i, it in enumerate(items) if len(it.data) > 0]
-    for i in range(len(items)):
-        if i not in live:  # no data: no step, a zero delta, as the sequential loop gives
-            it = items[i]
+    for i, it in enumerate(items):
+        if len(it.data) == 0:  # no data: no step, a zero delta, as the sequential loop gives
             payload = {
                 k: torch.zeros_like(it.task.params[k], device=it.ctx.device) for k in floating
             }
@@ -142,37 +141,56 @@ def _index_streams(
     """Flat example indices ``[C, S, B]`` and their mask, from each client's own generator,
     and per step ``s`` the number of clients still training and the widest batch.
 
-    Clients are ordered by step count, so the clients still training are a prefix."""
-    grids: list[tuple[torch.Tensor, torch.Tensor]] = []
+    Clients are ordered by step count, so the clients still training are a prefix. Shuffled
+    batches are laid out for every client at once with tensor arithmetic: per client, only
+    the ``randperm`` draws (:func:`~fedlab.client.minibatch_grid`'s, in its order) remain."""
+    steps = max(p.steps for p in plans)
+    width = max(p.batch_size for p in plans)
+    poisson: dict[int, list[torch.Tensor]] = {}
+    perms: list[torch.Tensor] = []
+    shuffled: list[tuple[int, int, int, int]] = []  # client, used per pass, per pass, passes
     for c, (it, plan) in enumerate(zip(items, plans, strict=True)):
         n, gen = len(it.data), it.ctx.generator(it.task.version)
         dp = dps[c] if dps is not None else None
         if dp is not None and dp.poisson:
             # poisson_batches' draws, in its order: one uniform per record per step
-            batches = [
+            poisson[c] = [
                 torch.nonzero(torch.rand(n, generator=gen) < dp.sample_rate).squeeze(1)
                 for _ in range(plan.steps)
             ]
-            wide = max((len(b) for b in batches), default=0)
-            grid = torch.zeros(plan.steps, wide, dtype=torch.long)
-            mask = torch.zeros(plan.steps, wide, dtype=torch.bool)
-            for i, b in enumerate(batches):
-                grid[i, : len(b)], mask[i, : len(b)] = b, True
-        else:
-            grid, mask = minibatch_grid(
-                n, plan.batch_size, plan.steps, gen, drop_last=plan.drop_last
-            )
-        grids.append((grid, mask))
-    steps = max(p.steps for p in plans)
-    width = max(g.shape[1] for g, _ in grids)
+            width = max([width, *(len(b) for b in poisson[c])])
+            continue
+        per_pass = batches_per_pass(n, plan.batch_size, plan.drop_last)
+        used = min(n, per_pass * plan.batch_size)  # drop_last leaves the tail of a pass out
+        passes = -(-plan.steps // per_pass)
+        perms += [torch.randperm(n, generator=gen)[:used] for _ in range(passes)]
+        shuffled.append((c, used, per_pass, passes))
     idx = torch.zeros(len(items), steps, width, dtype=torch.long)
     valid = torch.zeros(len(items), steps, width, dtype=torch.bool)
-    for c, (grid, mask) in enumerate(grids):
-        idx[c, : grid.shape[0], : grid.shape[1]] = grid + offsets[c]
-        valid[c, : grid.shape[0], : grid.shape[1]] = mask
-    counts = [sum(p.steps > s for p in plans) for s in range(steps)]
+    if shuffled:
+        client, kept, batches, rounds = (torch.tensor(v) for v in zip(*shuffled, strict=True))
+        bs = torch.tensor([plans[c].batch_size for c, *_ in shuffled])
+        limit = torch.tensor([plans[c].steps for c, *_ in shuffled])
+        first = torch.tensor([offsets[c] for c, *_ in shuffled])
+        # element e of client i's draws: pass e // kept, slot e % kept of that pass, which
+        # minibatch_grid puts at step (pass * batches per pass * bs + slot) // bs
+        drawn = kept * rounds
+        owner = torch.repeat_interleave(torch.arange(len(shuffled)), drawn)
+        e = torch.arange(len(owner)) - (torch.cumsum(drawn, 0) - drawn)[owner]
+        u, b = kept[owner], bs[owner]
+        q = (e // u) * batches[owner] * b + e % u
+        step, col = q // b, q % b
+        keep = step < limit[owner]
+        rows = client[owner][keep]
+        idx[rows, step[keep], col[keep]] = torch.cat(perms)[keep] + first[owner][keep]
+        valid[rows, step[keep], col[keep]] = True
+    for c, drawn_batches in poisson.items():
+        for i, batch in enumerate(drawn_batches):
+            idx[c, i, : len(batch)], valid[c, i, : len(batch)] = batch + offsets[c], True
+    counts = torch.tensor([p.steps for p in plans])
+    active = (counts[None, :] > torch.arange(steps)[:, None]).sum(1).tolist()
     widest = valid.sum(2).max(0).values.tolist()
-    return idx, valid, list(zip(counts, widest, strict=True))
+    return idx, valid, list(zip(active, widest, strict=True))
 
 
 def _train_stacked(
@@ -210,14 +228,15 @@ def _train_stacked(
     else:
         dp_step = _DPStep(model, names, items, dps, dtype, device, cast)
     autocast = precision.autocast(cast, device)
+    weights = valid.to(dtype)
     for s, (k, width) in enumerate(schedule):
         b_idx = idx[:k, s, :width]
-        w = valid[:k, s, :width]
         ps = [p[:k] for p in params]
         if dps is None:
             with autocast:  # bf16: forward and loss only; params and gradients stay fp32
-                grads, totals, hits = step(ps, xs[b_idx], ys[b_idx], w.to(dtype))
+                grads, totals, hits = step(ps, xs[b_idx], ys[b_idx], weights[:k, s, :width])
         else:
+            w = valid[:k, s, :width]
             with autocast:
                 grads, totals, hits, n_clipped = dp_step(ps, xs[b_idx], ys[b_idx], w)
             clipped[:k] += n_clipped
@@ -226,14 +245,16 @@ def _train_stacked(
             loss_sum[:k] += totals
             correct[:k] += hits
     trained = dict(zip(names, params, strict=True))
+    # one subtraction per tensor for every client; each payload is a copy of its row, not a
+    # view that would keep (and serialise) the whole stack
+    deltas = {
+        k: (trained[k] - start[k]) if k in trained else torch.zeros_like(start[k]) for k in floating
+    }
     seen = valid.sum((1, 2)).tolist()
     losses, right, n_clip = loss_sum.tolist(), correct.tolist(), clipped.tolist()
     fits = []
     for c, it in enumerate(items):
-        payload = {
-            k: (trained[k][c] - start[k][c]) if k in trained else torch.zeros_like(start[k][c])
-            for k in floating
-        }
+        payload = {k: deltas[k][c].clone() for k in floating}
         metrics = {"loss": losses[c] / max(seen[c], 1), "accuracy": right[c] / max(seen[c], 1)}
         state = it.state
         if dps is not None:
@@ -251,9 +272,14 @@ Step = Callable[
 
 
 def _plain_step(model: nn.Module, names: list[str], cast: str = "fp32") -> Step:
+    # No tie_weights lookup per call (it walks the whole module tree): unbatchable_model
+    # refuses tied parameters, so there is nothing to tie.
     batched_forward = vmap(
         precision.lowered(
-            cast, lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+            cast,
+            lambda ps, x: functional_call(
+                model, dict(zip(names, ps, strict=True)), (x,), tie_weights=False
+            ),
         )
     )
 
@@ -266,7 +292,11 @@ def _plain_step(model: nn.Module, names: list[str], cast: str = "fp32") -> Step:
         for small models, whose cost is per-call overhead)."""
         leaves = [p.detach().requires_grad_(True) for p in ps]
         out = batched_forward(tuple(leaves), x)  # [k, B, classes]
-        losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+        # Classes along dim 1 of [1, classes, k*B]: log-softmax over a short last dimension
+        # (10 classes) is a scalar loop per row in torch's CPU kernel, 5x slower than over
+        # a strided one; the values agree to rounding.
+        flat = out.flatten(0, 1)
+        losses = F.cross_entropy(flat.T.unsqueeze(0), y.flatten().unsqueeze(0), reduction="none")
         totals = (losses.view_as(w) * w).sum(1)
         grads = torch.autograd.grad((totals / w.sum(1)).sum(), leaves)
         hits = ((out.detach().argmax(2) == y) & (w > 0)).sum(1)
@@ -292,7 +322,10 @@ class _DPStep:
         cast: str = "fp32",
     ) -> None:
         forward = precision.lowered(
-            cast, lambda ps, x: functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+            cast,
+            lambda ps, x: functional_call(
+                model, dict(zip(names, ps, strict=True)), (x,), tie_weights=False
+            ),
         )
 
         def loss(

@@ -266,7 +266,7 @@ def auto_backend(runtime: ClientRuntime) -> str:
     model has more than :data:`CPU_BATCHED_MAX_PARAMS` parameters."""
     from fedlab.sim.vmap import why_not_batched
 
-    reason = why_not_batched(runtime) or _batched_forward_fails(runtime)
+    reason = why_not_batched(runtime) or _first_client_reason(runtime)
     if reason or runtime.device.type != "cpu":
         return reason
     size = sum(p.numel() for p in runtime.model.parameters())
@@ -278,7 +278,7 @@ def auto_backend(runtime: ClientRuntime) -> str:
     return ""
 
 
-def _batched_forward_fails(runtime: ClientRuntime) -> str:
+def _first_client_reason(runtime: ClientRuntime) -> str:
     # The vmap backend finds this out at its first call too, and falls back with a warning;
     # auto asks first, so a default run on an LSTM (Shakespeare's) is not warned about.
     from torch.func import functional_call, vmap
@@ -287,6 +287,10 @@ def _batched_forward_fails(runtime: ClientRuntime) -> str:
         data = runtime.data(0)
     except Exception:  # the run reports it, naming the client and version; no probe then
         return ""
+    if data.augment is not None:
+        from fedlab.sim.vmap import AUGMENTED
+
+        return AUGMENTED
     if len(data) == 0:
         return ""
     model = runtime.model

@@ -429,3 +429,26 @@ def test_missing_hf_extra_is_one_line(
         "fedlab: error: workload 'hf' needs Hugging Face datasets and Flower Datasets: "
         "pip install 'fedlab[hf-data]'"
     )
+
+
+def test_augmented_data_trains_sequentially_on_the_vmap_backend(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batched loop cannot draw CIFAR's crops and flips from the clients' streams as the
+    sequential loop does: the vmap backend says so and trains them one by one (the same run as
+    in-process, bit for bit), and auto picks in-process for it."""
+    import fedlab
+
+    write_cifar(tmp_path, "cifar10")
+    settings = dict(
+        workload="cifar10", data_dir=str(tmp_path), clients=4, fraction=0.5, rounds=2,
+        local_steps=2, batch_size=8,
+    )  # fmt: skip
+    runs = {
+        backend: fedlab.simulate(out=str(tmp_path / backend), backend=backend, **settings)
+        for backend in ("inprocess", "vmap", "auto")
+    }
+    for backend in ("vmap", "auto"):
+        for k, v in runs["inprocess"].params.items():
+            assert torch.equal(v, runs[backend].params[k]), (backend, k)
+    assert "data is augmented" in caplog.text

@@ -56,6 +56,23 @@ def test_no_noise_no_clipping_fixed_batches_is_plain_sgd() -> None:
     assert private.metrics["loss"] == pytest.approx(plain.metrics["loss"], rel=1e-5)
 
 
+def test_a_weight_under_two_names_gets_the_gradient_of_both_uses_under_dp_sgd() -> None:
+    # The per-record gradients differentiate the forward with tensors other than the model's
+    # own: a tied weight must be replaced under both of its names, or the second use's
+    # gradient would be missing.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+    model[2].weight = model[0].weight
+    data = ClientData(x=torch.randn(40, 5), y=torch.randint(0, 5, (40,)))
+    cfg = dict(lr=0.1, local_steps=6, batch_size=8)
+    plain = fit(model, data, **cfg)
+    private = fit(
+        model, data, **cfg, dp=True, noise_multiplier=0.0, max_grad_norm=math.inf, poisson=False
+    )
+    for k in plain.payload:
+        assert torch.allclose(private.payload[k], plain.payload[k], atol=1e-6), k
+
+
 def test_per_record_gradients_match_autograd_and_clip_to_the_bound() -> None:
     # (b) Every per-record gradient equals the single-record autograd gradient, and after
     # clipping each record's norm is at most C.

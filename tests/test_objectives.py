@@ -171,3 +171,16 @@ def test_a_bad_declaration_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
         build_workload(fedlab.RunConfig(workload="custom", data="fedlab_test_badobj:load_client"))
     with pytest.raises(ValueError, match="regression expects float targets"):
         build_workload(fedlab.RunConfig(workload="custom", data="fedlab_test_inty:load_client"))
+
+
+def test_global_evaluation_of_a_classifier_is_the_mean_loss_and_accuracy() -> None:
+    from fedlab.callbacks import evaluate_model
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 10)
+    x, y = torch.randn(1000, 6), torch.randint(0, 10, (1000,))
+    with torch.no_grad():
+        out = model(x)
+    got = evaluate_model(model, x, y, CLASSIFICATION, batch_size=300)  # a partial last batch
+    assert got["accuracy"] == (out.argmax(1) == y).sum().item() / 1000
+    assert got["loss"] == pytest.approx(F.cross_entropy(out.double(), y).item(), rel=1e-6)

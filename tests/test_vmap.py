@@ -376,6 +376,48 @@ def test_a_model_vmap_cannot_batch_falls_back_with_one_log_line(
             assert torch.equal(update.payload[k], v), k
 
 
+class _Picky(torch.nn.Module):
+    """Refuses its input the way a user's model with a wrong assumption would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(60, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("expected 3 input channels")
+
+
+class _PickyWorkload(_BranchyWorkload):
+    def make_model(self) -> torch.nn.Module:
+        return _Picky()
+
+
+@pytest.mark.parametrize(
+    ("model", "config", "detail"),
+    [
+        ("picky", {"local_steps": 2}, "ValueError: expected 3 input channels"),
+        ("linear", {"dp": True, "target_epsilon": 1.0, "dp_versions": 0}, "dp_versions >= 1"),
+    ],
+)
+def test_a_training_error_names_client_and_version_as_the_sequential_backend_does(
+    model: str, config: dict[str, Any], detail: str
+) -> None:
+    from fedlab.client import ClientRuntime, TrainingError
+    from fedlab.sim.vmap import VmapExecutor
+
+    base = build_workload(small_config(clients=4))
+    workload = _PickyWorkload(base) if model == "picky" else base
+    runtime = ClientRuntime(workload=workload, algorithm=LocalSGD(), seed=3)  # type: ignore[arg-type]
+    executor = VmapExecutor(runtime)
+    params = {k: v.clone() for k, v in runtime.model.state_dict().items()}
+    for cid in (2, 3):
+        executor.submit(Job(cid, Task(5, params, config), None))
+    with pytest.raises(TrainingError) as caught:
+        executor.result(3)
+    assert (caught.value.client_id, caught.value.version) == (2, 5)
+    assert detail in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_models_with_buffers_or_dropout_are_not_batched() -> None:
     from fedlab.clients.sgd_vmap import unbatchable_model
 

@@ -71,6 +71,7 @@ class VmapExecutor:
         self._done: dict[ClientId, tuple[Update, State]] = {}
         self._announced: set[str] = set()
         self._announced_eval: set[str] = set()
+        self._chunks: dict[tuple[object, ...], int] = {}
         self._model_reason = _objective_reason(runtime) or _model_reason(runtime.model)
         self._evaluation: LocalEvaluation | None = None
 
@@ -135,43 +136,43 @@ class VmapExecutor:
             for job in jobs:
                 self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
             return
-        batched = jobs
         assert isinstance(algorithm, LocalSGD)  # batchable() said so
-        items = [
-            BatchItem(
-                data=self.runtime.data(job.client_id),
-                task=job.task,
-                state=(job.state or {}).get("client"),
-                ctx=self.runtime.context(job.client_id),
-            )
-            for job in batched
-        ]
-        try:  # sizing runs the model once: a model that fails there fails as below
-            size = self.chunk or self._auto_chunk(algorithm, items)
-        except (RuntimeError, NotImplementedError) as e:
-            self._sequentially(batched, e)
-            return
-        for start in range(0, len(batched), size):
-            part = batched[start : start + size]
-            try:
-                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
-            except (RuntimeError, NotImplementedError) as e:
-                self._sequentially(batched[start:], e)
-                return
-            for job, fit in zip(part, fits, strict=True):
-                self._done[job.client_id] = self.runtime.complete(
-                    job.client_id, job.task, job.state, fit
+        start = 0
+        try:
+            items = [
+                BatchItem(
+                    data=self.runtime.data(job.client_id),
+                    task=job.task,
+                    state=(job.state or {}).get("client"),
+                    ctx=self.runtime.context(job.client_id),
                 )
-
-    def _sequentially(self, jobs: list[Job], error: Exception) -> None:
-        # A model torch.func cannot batch (data-dependent control flow, an op without a
-        # batching rule): nothing was changed, so the sequential loop takes over; an error of
-        # the task or the model itself is raised there again, naming client and version.
-        first = (str(error).splitlines() or [type(error).__name__])[0]
-        self._model_reason = f"batched training of this model failed ({first})"
-        self._announce(self._model_reason)
-        for job in jobs:
-            self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
+                for job in jobs
+            ]
+            if any(it.data.augment is not None for it in items):
+                self._model_reason = AUGMENTED
+                self._announce(AUGMENTED)
+                for job in jobs:
+                    self._done[job.client_id] = self.runtime.run(
+                        job.client_id, job.task, job.state
+                    )
+                return
+            size = self.chunk or self._auto_chunk(algorithm, items)
+            for start in range(0, len(jobs), size):
+                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
+                for job, fit in zip(jobs[start : start + size], fits, strict=True):
+                    self._done[job.client_id] = self.runtime.complete(
+                        job.client_id, job.task, job.state, fit
+                    )
+        except Exception as e:
+            # A model torch.func cannot batch (data-dependent control flow, an op without a
+            # batching rule), or an error of one task: nothing of the jobs not done yet was
+            # changed, so the sequential loop takes them over, and raises a task's own error
+            # again there, as the TrainingError that names its client and version.
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            self._model_reason = f"batched training of this model failed ({first})"
+            self._announce(self._model_reason)
+            for job in jobs[start:]:
+                self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
 
     def _auto_chunk(self, algorithm: LocalSGD, items: list[BatchItem]) -> int:
         width = max(algorithm.plan(it.task, max(len(it.data), 1)).batch_size for it in items)
@@ -179,14 +180,29 @@ class VmapExecutor:
         if example is None:  # nobody has data: nothing is trained
             return len(items)
         private = any(algorithm.setting(it.task, "dp") for it in items)
-        return auto_chunk(
-            self.runtime.model, example, width, self.budget, records=width if private else 0
-        )
+        # The size depends on the model, the example's shape and the widest batch, which a
+        # run keeps from version to version: measuring activations once per key suffices
+        # (the free memory on a GPU is read once too, so chunks do not shrink as it fills).
+        key = (tuple(example.shape), example.dtype, example.device, width, private)
+        if key not in self._chunks:
+            self._chunks[key] = auto_chunk(
+                self.runtime.model, example, width, self.budget, records=width if private else 0
+            )
+        return self._chunks[key]
 
     def _announce(self, reason: str) -> None:
         if reason not in self._announced:
             self._announced.add(reason)
             log.warning("fedlab: vmap backend trains sequentially: %s", reason)
+
+
+AUGMENTED = (
+    "the clients' training data is augmented (e.g. CIFAR's crop and flip), which the batched "
+    "loop does not apply"
+)
+"""Why augmented data trains sequentially: the sequential loop draws each batch's augmentation
+from the client's minibatch stream between its index draws, which the batched loop, drawing
+every index first, cannot reproduce; training without it would silently change the run."""
 
 
 def why_not_batched(runtime: ClientRuntime) -> str:
