@@ -34,7 +34,7 @@ from fedlab.sim.clock import LatencyModel, SpeedModel
 from fedlab.sim.inprocess import InProcessExecutor
 from fedlab.sim.transport import Executor, Job, SimTransport
 from fedlab.store import ClientStore, MemoryStore
-from fedlab.strategy import Buffer, Strategy
+from fedlab.strategy import Buffer, EveryRound, Strategy, Trigger
 from fedlab.transforms import Pipeline, UpdateTransform
 from fedlab.transport import Transport
 from fedlab.types import ClientId, Params, State, Update
@@ -259,13 +259,23 @@ def build_attack(config: RunConfig) -> Adversary | None:
 CPU_BATCHED_MAX_PARAMS = 1_000_000
 
 
-def auto_backend(runtime: ClientRuntime) -> str:
+def auto_backend(runtime: ClientRuntime, trigger: Trigger | None = None) -> str:
     """Why ``--backend auto`` trains ``runtime``'s clients one after another ("" when it picks
-    vmap): the vmap backend would not batch them, the model has an operation ``vmap`` cannot
-    batch (one forward of client 0's first example tells), or they train on the CPU and the
-    model has more than :data:`CPU_BATCHED_MAX_PARAMS` parameters."""
+    vmap): the strategy's ``trigger`` is asynchronous, the vmap backend would not batch them,
+    the model has an operation ``vmap`` cannot batch (one forward of client 0's first example
+    tells), or they train on the CPU and the model has more than
+    :data:`CPU_BATCHED_MAX_PARAMS` parameters."""
     from fedlab.sim.vmap import why_not_batched
 
+    if trigger is not None and not isinstance(trigger, EveryRound):
+        # Asynchronously, the vmap backend batches whatever is queued when a result is due; a
+        # resumed run re-queues its in-flight tasks in other company, and batched kernels add
+        # up in another order: it would equal the uninterrupted run only to rounding, and the
+        # default keeps resume bit-identical. --backend vmap trades that for speed.
+        return (
+            f"{type(trigger).__name__} is asynchronous: a resumed run is bit-identical only "
+            "one client at a time (--backend vmap batches it, resuming to rounding)"
+        )
     reason = why_not_batched(runtime) or _first_client_reason(runtime)
     if reason or runtime.device.type != "cpu":
         return reason
@@ -304,16 +314,18 @@ def _first_client_reason(runtime: ClientRuntime) -> str:
     return ""
 
 
-def build_executor(config: RunConfig, workload: Workload) -> Executor:
-    """The backend that trains clients; ``auto`` says which it picked in one INFO line, when
-    the first job arrives."""
+def build_executor(
+    config: RunConfig, workload: Workload, trigger: Trigger | None = None
+) -> Executor:
+    """The backend that trains clients; ``auto`` (for a strategy aggregating on ``trigger``)
+    says which it picked in one INFO line, when the first job arrives."""
     if config.backend == "ray":
         from fedlab.sim.ray import RayExecutor
 
         return RayExecutor(config)
     runtime = build_runtime(config, workload)
     if config.backend == "auto":
-        reason = auto_backend(runtime)
+        reason = auto_backend(runtime, trigger)
         picked = f"inprocess ({reason})" if reason else "vmap"
         chosen = (
             InProcessExecutor(runtime) if reason else _vmap_executor(runtime, config.vmap_chunk)
@@ -373,8 +385,11 @@ def build_speeds(config: RunConfig) -> SpeedModel:
     )
 
 
-def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
-    """The virtual-clock transport in front of ``config``'s backend."""
+def build_transport(
+    config: RunConfig, workload: Workload, trigger: Trigger | None = None
+) -> SimTransport:
+    """The virtual-clock transport in front of ``config``'s backend (``trigger``: when the
+    strategy aggregates, which ``--backend auto`` takes into account)."""
     speeds = build_speeds(config)
     latency = LatencyModel(
         distribution=config.latency,
@@ -383,7 +398,7 @@ def build_transport(config: RunConfig, workload: Workload) -> SimTransport:
         seed=config.seed,
     )
     return SimTransport(
-        executor=build_executor(config, workload),
+        executor=build_executor(config, workload, trigger),
         num_clients=config.clients,
         speeds=speeds,
         latency=latency,
@@ -416,7 +431,7 @@ def build_engine(
     adversary = build_attack(config)  # and on a bad attack
     pipeline = build_pipeline(config)  # and on a bad codec or codec option
     if transport is None:
-        transport = build_transport(config, workload)
+        transport = build_transport(config, workload, strategy.trigger)
         # Federated evaluation runs on the workers that train (the simulation's executor);
         # a deployed server's transport has no executor, and evaluates in this process.
         for callback in callbacks:

@@ -87,7 +87,10 @@ def test_equal_times_within_the_window_is_synchronous_fedavg(weighting: str) -> 
 
 def test_fedasync_single_client_is_local_sgd_continued() -> None:
     """(e) N = 1: each return is one server step from the model the client just trained."""
-    common: dict[str, Any] = dict(clients=1, fraction=1.0, model="logreg", speed="lognormal")
+    # One backend for both: auto would batch FedAvg (synchronous) but not FedAsync.
+    common: dict[str, Any] = dict(
+        clients=1, fraction=1.0, model="logreg", speed="lognormal", backend="inprocess"
+    )
     fa = build_engine(small_config(strategy="fedasync", **common))
     fa.run(3)
     avg = build_engine(small_config(**common))

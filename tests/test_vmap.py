@@ -432,7 +432,13 @@ def test_models_with_buffers_or_dropout_are_not_batched() -> None:
 
 @pytest.mark.parametrize(
     ("changes", "picked"),
-    [({}, "vmap"), ({"strategy": "frl", "model": "mlp"}, "inprocess (client half FRLClient")],
+    [
+        ({}, "vmap"),
+        ({"strategy": "frl", "model": "mlp"}, "inprocess (client half FRLClient"),
+        # Asynchronous: the default keeps a resume bit-identical (tests/test_cli.py kills one).
+        ({"strategy": "fedbuff"}, "inprocess (Buffer is asynchronous"),
+        ({"strategy": "fedfix"}, "inprocess (Period is asynchronous"),
+    ],
 )
 def test_auto_backend_picks_vmap_where_it_batches_and_says_which(
     changes: dict[str, Any], picked: str, caplog: pytest.LogCaptureFixture

@@ -57,10 +57,10 @@ HELP = {
     "lr": "client learning rate",
     "batch_size": "client minibatch size (0: full batch)",
     "seed": "run seed; every random stream derives from it",
-    "backend": "auto (vmap where the client half and model are batched, and on the CPU the "
-    "model has at most 1M parameters, else inprocess; says which), inprocess (one client "
-    "after another), vmap (all queued clients trained as one batched computation; see "
-    "docs/how-to-vmap-backend.md) or ray",
+    "backend": "auto (vmap for a synchronous strategy whose client half and model are "
+    "batched, and on the CPU a model of at most 1M parameters, else inprocess; says which), "
+    "inprocess (one client after another), vmap (all queued clients trained as one batched "
+    "computation; see docs/how-to-vmap-backend.md) or ray",
     "workers": "Ray actors (each holds one model and serves many clients)",
     "ray_address": "join the running Ray cluster at this address (its head's host:port) "
     "instead of starting a local Ray; fedlab only disconnects from it at the end",
