@@ -322,7 +322,8 @@ def build_executor(
     if config.backend == "ray":
         from fedlab.sim.ray import RayExecutor
 
-        return RayExecutor(config)
+        client = config.client or build_strategy(config).client
+        return RayExecutor(config, build=build_runtime, client=client)
     runtime = build_runtime(config, workload)
     if config.backend == "auto":
         reason = auto_backend(runtime, trigger)

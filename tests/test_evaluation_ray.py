@@ -59,7 +59,9 @@ def test_actors_evaluate_shares_like_inprocess(ray_session: None) -> None:
         )
         expected = InProcessExecutor(build_runtime(config, workload)).evaluate(task)
         for vectorize in (False, True):
-            executor = RayExecutor(config.replace(vectorize=vectorize))
+            executor = RayExecutor(
+                config.replace(vectorize=vectorize), build=build_runtime, client="sgd"
+            )
             try:
                 got = executor.evaluate(task)
             finally:

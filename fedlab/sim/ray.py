@@ -27,6 +27,7 @@ import math
 import socket
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from fedlab.sim.transport import Job
 from fedlab.types import ClientId, Params, State, Task, Update
 
 if TYPE_CHECKING:
+    from fedlab.client import ClientRuntime
     from fedlab.evaluation import EvalTask, Scores
     from fedlab.sim.transport import Executor
 
@@ -66,15 +68,20 @@ class _Worker:
         registered: ``(group, name, object)`` entries to register before building the
             runtime: names registered in the driver with :func:`fedlab.registry.register`
             do not exist in a fresh actor process otherwise.
+        build: makes the runtime from the configuration (the composition root's
+            :func:`fedlab.run.build_runtime`, which travels by reference).
     """
 
-    def __init__(self, config_json: str, registered: list[tuple[Group, str, Any]]) -> None:
-        from fedlab.run import build_runtime
-
+    def __init__(
+        self,
+        config_json: str,
+        registered: list[tuple[Group, str, Any]],
+        build: Callable[[RunConfig], ClientRuntime],
+    ) -> None:
         for group, name, obj in registered:
             registry.register(group, name, obj)
         self.config = from_mapping(json.loads(config_json))
-        self.runtime = build_runtime(self.config)
+        self.runtime = build(self.config)
         self._params: OrderedDict[int, Params] = OrderedDict()
         self._evaluator: Executor | None = None
 
@@ -182,10 +189,19 @@ class RayExecutor:
 
     Args:
         config: the run configuration; actors build their runtime from it.
+        build: how an actor builds its runtime from ``config`` (a module-level function, sent
+            by reference: :func:`fedlab.run.build_runtime`); passed in so that this backend
+            does not import the composition root that imports it.
+        client: the name of the client half ``config`` trains with (its own, or its
+            strategy's), registered in each actor when the driver registered it by name.
     """
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(
+        self, config: RunConfig, *, build: Callable[[RunConfig], ClientRuntime], client: str
+    ) -> None:
         self.config = config
+        self._build = build
+        self._client = client
         self._started_ray = False
         self._actors: list[Any] = []
         self._running: list[list[Any]] = []  # per actor: refs of jobs that may not be done
@@ -224,9 +240,11 @@ class RayExecutor:
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
             scheduling_strategy="SPREAD",
         )  # fmt: skip
-        registered = _registrations(config)
+        registered = _registrations(config, self._client)
         config_json = json.dumps(config.to_dict())
-        self._actors = [remote.remote(config_json, registered) for _ in range(config.workers)]
+        self._actors = [
+            remote.remote(config_json, registered, self._build) for _ in range(config.workers)
+        ]
         self._running = [[] for _ in self._actors]
         self._jobs = [0 for _ in self._actors]
         # Asked now, answered once each actor is up (before its first job): never blocks here,
@@ -453,16 +471,13 @@ class RayExecutor:
         self._started_ray = False
 
 
-def _registrations(config: RunConfig) -> list[tuple[Group, str, Any]]:
-    """The strategy and client objects ``config`` names, for actors to register by name.
+def _registrations(config: RunConfig, client: str) -> list[tuple[Group, str, Any]]:
+    """The strategy and ``client`` objects ``config`` names, for actors to register by name.
 
     Dotted paths are left out: actors import those themselves (Ray gives workers the driver's
     ``sys.path``). Classes travel pickled by reference, so their modules must be importable
     in the workers, as Ray requires of any user code.
     """
-    from fedlab.run import build_strategy
-
-    client = config.client or build_strategy(config).client
     names: list[tuple[Group, str]] = [("strategies", config.strategy), ("clients", client)]
     return [(g, n, registry.resolve(g, n)) for g, n in names if ":" not in n]
 
