@@ -313,6 +313,26 @@ def test_auto_chunk_follows_the_memory_budget() -> None:
     assert auto_chunk(model, example, batch=10, budget=1) == 1
 
 
+def test_the_default_cpu_chunk_does_not_follow_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run and its resume pick the same chunk on one machine, however busy it is: the CPU
+    budget comes from the machine's memory, not from what is free at the time."""
+    import os
+
+    from fedlab.sim.vmap import auto_chunk
+
+    model = build_workload(small_config(workload="digits", clients=4)).make_model()
+    example = torch.zeros(1, 1, 8, 8)
+    real = os.sysconf
+    chunks = []
+    for free_pages in (1 << 30, 1 << 10):  # plenty free, then almost nothing free
+        def sysconf(name: str | int, free: int = free_pages) -> int:
+            return free if name == "SC_AVPHYS_PAGES" else real(name)
+
+        monkeypatch.setattr(os, "sysconf", sysconf)
+        chunks.append(auto_chunk(model, example, batch=10))
+    assert chunks[0] == chunks[1] > 1
+
+
 def test_vmap_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="vmap_chunk"):
         RunConfig(vmap_chunk=-1)

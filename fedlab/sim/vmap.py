@@ -58,7 +58,8 @@ class VmapExecutor:
     Args:
         runtime: the worker's runtime (model, data cache, client half, transforms).
         chunk: clients per batched call; 0 sizes chunks from ``budget`` bytes.
-        budget: bytes a chunk may take (default: 1 GiB on CPU, half the free GPU memory).
+        budget: bytes a chunk may take (default: 1 GiB on CPU, or a quarter of the machine's
+            memory if less; half the free GPU memory).
     """
 
     def __init__(self, runtime: ClientRuntime, chunk: int = 0, budget: int = 0) -> None:
@@ -247,7 +248,9 @@ def auto_chunk(
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free * _GPU_SHARE)
         else:
-            budget = min(_CPU_BUDGET, _available_memory() // 4 or _CPU_BUDGET)
+            # The machine's memory, not what happens to be free: the chunk, and so the
+            # batched kernels' rounding, is then the same for a run and its resume.
+            budget = min(_CPU_BUDGET, _physical_memory() // 4 or _CPU_BUDGET)
     per_param = sum(p.numel() * p.element_size() for p in model.parameters())
     per_client = (_PARAM_COPIES + records) * per_param + _ACTIVATION_FACTOR * batch * (
         _activation_bytes(model, example)
@@ -275,9 +278,9 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def _available_memory() -> int:
-    """Available physical memory in bytes (0 when the platform does not say)."""
+def _physical_memory() -> int:
+    """The machine's physical memory in bytes (0 when the platform does not say)."""
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 0
