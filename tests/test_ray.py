@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -165,6 +166,24 @@ def test_vectorized_actors_match_the_vmap_backend(ray_session: Path) -> None:
         assert list(got) == list(expected)
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
+
+
+def test_vectorized_actors_say_once_why_they_train_sequentially(
+    ray_session: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Actor logs do not reach the driver: the actors hand their batched executor's fallback
+    line back with the results, and the driver logs it once for all actors and versions
+    (each actor keeps one batched executor, so it decides once too)."""
+    config = _config(strategy="frl", model="mlp")
+    expected = _final_params(config)
+    with caplog.at_level(logging.WARNING):
+        got = _final_params(config.replace(backend="ray", workers=2, vectorize=True))
+    _assert_identical(expected, got)  # trained one by one, as in-process
+    lines = [r.getMessage() for r in caplog.records if "vmap backend trains" in r.getMessage()]
+    assert lines == [
+        "fedlab: vmap backend trains sequentially: client half FRLClient trains with its own "
+        "fit(), which is not batched"
+    ]
 
 
 @pytest.mark.parametrize(

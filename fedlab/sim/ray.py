@@ -44,8 +44,11 @@ if TYPE_CHECKING:
     from fedlab.client import ClientRuntime
     from fedlab.evaluation import EvalTask, Scores
     from fedlab.sim.transport import Executor
+    from fedlab.sim.vmap import VmapExecutor
 
 __all__ = ["RayExecutor"]
+
+log = logging.getLogger(__name__)
 
 # How long close() waits for the actors' node ids (asked for when they start; an actor that
 # trained a job has answered long before, so this only bounds the wait on one that never ran).
@@ -84,6 +87,10 @@ class _Worker:
         self.runtime = build(self.config)
         self._params: OrderedDict[int, Params] = OrderedDict()
         self._evaluator: Executor | None = None
+        # --vectorize: one batched executor for the actor's life, so its chunk size (measured
+        # once) and a verdict that the model cannot be batched carry from call to call.
+        self._vmap: VmapExecutor | None = None
+        self._told = 0  # notices of self._vmap already sent to the driver
 
     def node_id(self) -> str:
         """The id of the Ray node this actor runs on (hex), for the run's summary."""
@@ -115,15 +122,28 @@ class _Worker:
     def run_many(self, tokens: list[int], params_refs: list[list[Any]], jobs: list[bytes]) -> bytes:
         """Train every job at once with the vmap backend's batched loop (``--vectorize``);
         return their updates and states, in order, as one tensorio blob."""
-        from fedlab.sim.vmap import VmapExecutor
-
-        executor = VmapExecutor(self.runtime, chunk=self.config.vmap_chunk)
+        executor = self._batched()
         specs = [tensorio.loads(job) for job in jobs]
         for token, ref, spec in zip(tokens, params_refs, specs, strict=True):
             task = Task(spec["version"], self._version(token, ref), spec["config"])
             executor.submit(Job(spec["client_id"], task, spec["state"]))
         results = [_result(*executor.result(spec["client_id"])) for spec in specs]
-        return tensorio.dumps({"results": results})
+        return tensorio.dumps({"results": results, "notices": self._notices()})
+
+    def _batched(self) -> VmapExecutor:
+        from fedlab.sim.vmap import VmapExecutor
+
+        if self._vmap is None:
+            self._vmap = VmapExecutor(self.runtime, chunk=self.config.vmap_chunk)
+        return self._vmap
+
+    def _notices(self) -> list[str]:
+        """The batched executor's log lines not sent yet (actor logs do not reach the driver)."""
+        if self._vmap is None:
+            return []
+        new = self._vmap.notices[self._told :]
+        self._told = len(self._vmap.notices)
+        return new
 
     def evaluate(self, params_ref: list[Any], settings: bytes) -> bytes:
         """Evaluate a share of a federated evaluation's clients (:class:`EvalTask` settings
@@ -131,18 +151,16 @@ class _Worker:
         ``--vectorize``, batched as the vmap backend does; return the scores as tensorio."""
         from fedlab.evaluation import EvalTask, scores_tree
         from fedlab.sim.inprocess import InProcessExecutor
-        from fedlab.sim.vmap import VmapExecutor
 
         if self._evaluator is None:
             # Kept, so the evaluation model and its data cache serve every evaluation.
             self._evaluator = (
-                VmapExecutor(self.runtime, chunk=self.config.vmap_chunk)
-                if self.config.vectorize
-                else InProcessExecutor(self.runtime)
+                self._batched() if self.config.vectorize else InProcessExecutor(self.runtime)
             )
         params = tensorio.loads(ray.get(params_ref[0]))
         task = EvalTask.from_settings(tensorio.loads(settings), params)
-        return tensorio.dumps(scores_tree(self._evaluator.evaluate(task)))
+        scores = scores_tree(self._evaluator.evaluate(task))
+        return tensorio.dumps({"scores": scores, "notices": self._notices()})
 
 
 def _result(update: Update, state: State) -> dict[str, Any]:
@@ -213,6 +231,7 @@ class RayExecutor:
         self._waiting: dict[ClientId, tuple[tuple[int, int], _CachedParams, bytes]] = {}
         self._batches: dict[Any, tuple[list[dict[str, Any]], int]] = {}
         self.batched_calls = 0  # run_many calls sent (``--vectorize``)
+        self._told: set[str] = set()  # the actors' notices logged here
         self._jobs: list[int] = []  # per actor: jobs sent to it
         self._node_refs: list[Any] = []  # per actor: its node id, once it has started
         self._nodes: list[str] = []  # per actor: its node id ("" unknown), filled by close()
@@ -374,7 +393,9 @@ class RayExecutor:
         """This job's result from its batched call, decoded once for all of the call's jobs."""
         got = self._batches.get(pending.ref)
         if got is None:
-            results = tensorio.loads(ray.get(pending.ref))["results"]
+            blob = tensorio.loads(ray.get(pending.ref))
+            self._tell(blob["notices"])
+            results = blob["results"]
             got = (results, len(results))
         results, left = got
         if left > 1:
@@ -383,6 +404,14 @@ class RayExecutor:
             self._batches.pop(pending.ref, None)
         out: dict[str, Any] = results[pending.index]
         return out
+
+    def _tell(self, notices: list[str]) -> None:
+        # The actors' batched executors explain a fallback once each; the driver logs each
+        # explanation once, however many actors send it.
+        for line in notices:
+            if line not in self._told:
+                self._told.add(line)
+                log.warning("%s", line)
 
     def _release(self, pending: _Pending) -> None:
         refs = self._running[pending.actor]
@@ -418,7 +447,9 @@ class RayExecutor:
         global_scores: Scores = ([], [])
         for actor, call in calls:
             try:
-                got = scores_from_tree(tensorio.loads(ray.get(call)))
+                blob = tensorio.loads(ray.get(call))
+                got = scores_from_tree(blob["scores"])
+                self._tell(blob["notices"])
             except ray.exceptions.RayError as e:
                 raise RuntimeError(f"federated evaluation failed on Ray worker {actor}: {e}") from e
             global_scores[0].extend(got[0])

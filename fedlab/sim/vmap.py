@@ -71,6 +71,9 @@ class VmapExecutor:
         self._queued: dict[ClientId, Job] = {}
         self._done: dict[ClientId, tuple[Update, State]] = {}
         self._announced: set[str] = set()
+        # Every line announced, in order: a Ray actor hands them to the driver, since actor
+        # logs do not reach it.
+        self.notices: list[str] = []
         self._announced_eval: set[str] = set()
         self._chunks: dict[tuple[object, ...], int] = {}
         self._model_reason = _objective_reason(runtime) or _model_reason(runtime.model)
@@ -112,7 +115,7 @@ class VmapExecutor:
                 )
         if reason not in self._announced_eval:
             self._announced_eval.add(reason)
-            log.warning("fedlab: vmap backend evaluates clients one by one: %s", reason)
+            self._notice(f"fedlab: vmap backend evaluates clients one by one: {reason}")
         return self._evaluation(task)
 
     def close(self) -> None:
@@ -191,10 +194,14 @@ class VmapExecutor:
             )
         return self._chunks[key]
 
+    def _notice(self, line: str) -> None:
+        self.notices.append(line)
+        log.warning("%s", line)
+
     def _announce(self, reason: str) -> None:
         if reason not in self._announced:
             self._announced.add(reason)
-            log.warning("fedlab: vmap backend trains sequentially: %s", reason)
+            self._notice(f"fedlab: vmap backend trains sequentially: {reason}")
 
 
 AUGMENTED = (
