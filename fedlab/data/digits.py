@@ -20,7 +20,7 @@ from fedlab.data.base import (
     rng,
     seeded_model,
 )
-from fedlab.data.partition import LabelPartitioned
+from fedlab.data.partition import LabelPartitioned, LabelSplit
 from fedlab.types import Task
 
 DIGITS_CLASSES = 10
@@ -126,10 +126,7 @@ class DigitsWorkload(LabelPartitioned):
         *,
         num_clients: int,
         seed: int,
-        partition: str,
-        alpha: float,
-        shards_per_client: int,
-        sigma: float,
+        split: LabelSplit,
         model: Callable[[], nn.Module],
         flat_features: bool,
         label_swap: float = 0.0,
@@ -168,10 +165,7 @@ class DigitsWorkload(LabelPartitioned):
             num_classes=DIGITS_CLASSES,
             num_clients=num_clients,
             seed=seed,
-            partition=partition,
-            alpha=alpha,
-            shards_per_client=shards_per_client,
-            sigma=sigma,
+            split=split,
         )
         self._x_train = torch.from_numpy(x_all[train_idx]).reshape(shape)
         self._y_train = torch.from_numpy(self.y_train)

@@ -11,7 +11,7 @@ from fedlab.data import digits, leaf, synthetic, vision
 from fedlab.data.base import Workload, load_model_factory, unknown
 from fedlab.data.custom import CustomWorkload
 from fedlab.data.digits import DigitsWorkload
-from fedlab.data.partition import PARTITIONS
+from fedlab.data.partition import PARTITIONS, LabelSplit
 from fedlab.data.synthetic import SyntheticWorkload
 from fedlab.data.wls import WLSWorkload
 
@@ -223,10 +223,7 @@ def make_workload(
             data_dir=data_dir,
             num_clients=num_clients,
             seed=seed,
-            partition=partition,
-            alpha=alpha,
-            shards_per_client=shards_per_client,
-            sigma=sigma,
+            split=LabelSplit(partition, alpha, shards_per_client, sigma),
             model=factory,
         )
     if data_dir:
@@ -268,10 +265,7 @@ def make_workload(
     return DigitsWorkload(
         num_clients=num_clients,
         seed=seed,
-        partition=partition,
-        alpha=alpha,
-        shards_per_client=shards_per_client,
-        sigma=sigma,
+        split=LabelSplit(partition, alpha, shards_per_client, sigma),
         model=factory,
         flat_features=model == "mlp",
         label_swap=label_swap,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,23 @@ def shard_groups(labels: IntArray, num_shards: int) -> tuple[IntArray, IntArray]
     return counts, alloc + 1
 
 
+@dataclass(frozen=True)
+class LabelSplit:
+    """How a central labelled data set is split over clients (see :class:`LabelPartition`).
+
+    Attributes:
+        partition: one of ``iid``, ``dirichlet``, ``shards``, ``lognormal``.
+        alpha: Dirichlet concentration.
+        shards_per_client: ``s`` of ``shards``.
+        sigma: lognormal sigma of client sizes.
+    """
+
+    partition: str
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    sigma: float = 1.0
+
+
 class LabelPartition:
     """Client ``k``'s indices into a pool of ``n`` labelled examples.
 
@@ -84,10 +102,7 @@ class LabelPartition:
         num_classes: how many labels there are (Dirichlet draws over all of them).
         num_clients: ``N``.
         seed: fixes every draw.
-        partition: one of ``iid``, ``dirichlet``, ``shards``, ``lognormal``.
-        alpha: Dirichlet concentration.
-        shards_per_client: ``s``.
-        sigma: lognormal sigma of client sizes.
+        split: the partition and its parameters.
     """
 
     def __init__(
@@ -97,21 +112,18 @@ class LabelPartition:
         num_classes: int,
         num_clients: int,
         seed: int,
-        partition: str,
-        alpha: float = 0.5,
-        shards_per_client: int = 2,
-        sigma: float = 1.0,
+        split: LabelSplit,
     ) -> None:
-        if partition not in PARTITIONS[1:]:
-            raise ValueError(f"LabelPartition cannot split by {partition!r}")
+        if split.partition not in PARTITIONS[1:]:
+            raise ValueError(f"LabelPartition cannot split by {split.partition!r}")
         self.labels = labels
         self.num_classes = num_classes
         self.num_clients = num_clients
         self.seed = seed
-        self.partition = partition
-        self._alpha = alpha
-        self._shards_per_client = shards_per_client
-        self._sigma = sigma
+        self.partition = split.partition
+        self._alpha = split.alpha
+        self._shards_per_client = split.shards_per_client
+        self._sigma = split.sigma
         n = len(labels)
         self._n = n
         self._client_size = max(MIN_CLIENT_EXAMPLES, n // num_clients)
@@ -121,8 +133,8 @@ class LabelPartition:
         self._pools = [np.flatnonzero(labels == c) for c in range(num_classes)]
         self._absent = np.array([len(p) == 0 for p in self._pools], dtype=bool)
         self._shard_perm: npt.NDArray[np.signedinteger[Any]] | None = None
-        if partition == "shards":
-            sizes, per_group = shard_groups(labels, num_clients * shards_per_client)
+        if split.partition == "shards":
+            sizes, per_group = shard_groups(labels, num_clients * split.shards_per_client)
             self._group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             self._group_sizes = sizes
             self._group_shards = per_group
@@ -204,7 +216,7 @@ class LabelPartitioned(abc.ABC):
         num_classes: how many labels there are.
         num_clients: the number of clients.
         seed: the run seed.
-        partition, alpha, shards_per_client, sigma: see :class:`LabelPartition`.
+        split: the partition and its parameters.
     """
 
     def __init__(
@@ -215,10 +227,7 @@ class LabelPartitioned(abc.ABC):
         num_classes: int,
         num_clients: int,
         seed: int,
-        partition: str,
-        alpha: float,
-        shards_per_client: int,
-        sigma: float,
+        split: LabelSplit,
     ) -> None:
         self.num_classes = num_classes
         self.num_clients = num_clients
@@ -226,14 +235,7 @@ class LabelPartitioned(abc.ABC):
         self.y_train = train_labels
         self.y_test = test_labels
         self._partition = LabelPartition(
-            train_labels,
-            num_classes=num_classes,
-            num_clients=num_clients,
-            seed=seed,
-            partition=partition,
-            alpha=alpha,
-            shards_per_client=shards_per_client,
-            sigma=sigma,
+            train_labels, num_classes=num_classes, num_clients=num_clients, seed=seed, split=split
         )
 
     def client_indices(self, client_id: int) -> IntArray:

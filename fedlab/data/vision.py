@@ -30,7 +30,7 @@ from fedlab.data.base import (
     IntArray,
     seeded_model,
 )
-from fedlab.data.partition import LabelPartitioned
+from fedlab.data.partition import LabelPartitioned, LabelSplit
 
 _PIXELS = 3 * 32 * 32
 # Per-channel mean and standard deviation of the CIFAR-10 training images, the usual
@@ -183,10 +183,7 @@ class CifarWorkload(LabelPartitioned):
         data_dir: str | Path,
         num_clients: int,
         seed: int,
-        partition: str,
-        alpha: float,
-        shards_per_client: int,
-        sigma: float,
+        split: LabelSplit,
         model: Callable[[], nn.Module],
     ) -> None:
         self.name = name
@@ -201,10 +198,7 @@ class CifarWorkload(LabelPartitioned):
             num_classes=source.num_classes,
             num_clients=num_clients,
             seed=seed,
-            partition=partition,
-            alpha=alpha,
-            shards_per_client=shards_per_client,
-            sigma=sigma,
+            split=split,
         )
         self._test: ClientData | None = None
 
