@@ -136,9 +136,7 @@ class VmapExecutor:
             "with its own fit(), which is not batched"
         )
         if reason:
-            self._announce(reason)
-            for job in jobs:
-                self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
+            self._one_by_one(jobs, reason)
             return
         assert isinstance(algorithm, LocalSGD)  # batchable() said so
         start = 0
@@ -152,21 +150,15 @@ class VmapExecutor:
                 )
                 for job in jobs
             ]
-            if any(it.data.augment is not None for it in items):
-                self._model_reason = AUGMENTED
-                self._announce(AUGMENTED)
-                for job in jobs:
-                    self._done[job.client_id] = self.runtime.run(
-                        job.client_id, job.task, job.state
-                    )
-                return
-            size = self.chunk or self._auto_chunk(algorithm, items)
-            for start in range(0, len(jobs), size):
-                fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
-                for job, fit in zip(jobs[start : start + size], fits, strict=True):
-                    self._done[job.client_id] = self.runtime.complete(
-                        job.client_id, job.task, job.state, fit
-                    )
+            augmented = any(it.data.augment is not None for it in items)
+            if not augmented:
+                size = self.chunk or self._auto_chunk(algorithm, items)
+                for start in range(0, len(jobs), size):
+                    fits = fit_batched(algorithm, self.runtime.model, items[start : start + size])
+                    for job, fit in zip(jobs[start : start + size], fits, strict=True):
+                        self._done[job.client_id] = self.runtime.complete(
+                            job.client_id, job.task, job.state, fit
+                        )
         except Exception as e:
             # A model torch.func cannot batch (data-dependent control flow, an op without a
             # batching rule), or an error of one task: nothing of the jobs not done yet was
@@ -174,9 +166,17 @@ class VmapExecutor:
             # again there, as the TrainingError that names its client and version.
             first = (str(e).splitlines() or [type(e).__name__])[0]
             self._model_reason = f"batched training of this model failed ({first})"
-            self._announce(self._model_reason)
-            for job in jobs[start:]:
-                self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
+            self._one_by_one(jobs[start:], self._model_reason)
+            return
+        if augmented:  # outside the try: a task's own error is not a batching failure
+            self._model_reason = AUGMENTED
+            self._one_by_one(jobs, AUGMENTED)
+
+    def _one_by_one(self, jobs: list[Job], reason: str) -> None:
+        """Train ``jobs`` with the sequential loop, having said why (once per reason)."""
+        self._announce(reason)
+        for job in jobs:
+            self._done[job.client_id] = self.runtime.run(job.client_id, job.task, job.state)
 
     def _auto_chunk(self, algorithm: LocalSGD, items: list[BatchItem]) -> int:
         width = max(algorithm.plan(it.task, max(len(it.data), 1)).batch_size for it in items)
