@@ -90,7 +90,7 @@ class _Worker:
         # --vectorize: one batched executor for the actor's life, so its chunk size (measured
         # once) and a verdict that the model cannot be batched carry from call to call.
         self._vmap: VmapExecutor | None = None
-        self._told = 0  # notices of self._vmap already sent to the driver
+        self._sent = 0  # notices of self._vmap already sent to the driver
 
     def node_id(self) -> str:
         """The id of the Ray node this actor runs on (hex), for the run's summary."""
@@ -141,8 +141,8 @@ class _Worker:
         """The batched executor's log lines not sent yet (actor logs do not reach the driver)."""
         if self._vmap is None:
             return []
-        new = self._vmap.notices[self._told :]
-        self._told = len(self._vmap.notices)
+        new = self._vmap.notices[self._sent :]
+        self._sent = len(self._vmap.notices)
         return new
 
     def evaluate(self, params_ref: list[Any], settings: bytes) -> bytes:
@@ -231,7 +231,7 @@ class RayExecutor:
         self._waiting: dict[ClientId, tuple[tuple[int, int], _CachedParams, bytes]] = {}
         self._batches: dict[Any, tuple[list[dict[str, Any]], int]] = {}
         self.batched_calls = 0  # run_many calls sent (``--vectorize``)
-        self._told: set[str] = set()  # the actors' notices logged here
+        self._logged: set[str] = set()  # the actors' notices logged here
         self._jobs: list[int] = []  # per actor: jobs sent to it
         self._node_refs: list[Any] = []  # per actor: its node id, once it has started
         self._nodes: list[str] = []  # per actor: its node id ("" unknown), filled by close()
@@ -409,8 +409,8 @@ class RayExecutor:
         # The actors' batched executors explain a fallback once each; the driver logs each
         # explanation once, however many actors send it.
         for line in notices:
-            if line not in self._told:
-                self._told.add(line)
+            if line not in self._logged:
+                self._logged.add(line)
                 log.warning("%s", line)
 
     def _release(self, pending: _Pending) -> None:
