@@ -124,7 +124,9 @@ def test_vmap_backend_equals_sequential_after_20_versions_with_resume(
     workload: str, strategy: str, tmp_path: Path
 ) -> None:
     extra: dict[str, Any] = {"buffer": 3, "concurrency": 6} if strategy == "fedbuff" else {}
+    # The reference is the sequential loop, named: auto would pick vmap for FedAvg.
     config = small_config(
+        backend="inprocess",
         workload=workload,
         strategy=strategy,
         clients=24,
@@ -158,6 +160,7 @@ def test_vmap_backend_equals_sequential_version_by_version_on_the_digits_cnn(
 
     extra: dict[str, Any] = {"buffer": 3, "concurrency": 6} if strategy == "fedbuff" else {}
     config = small_config(
+        backend="inprocess",
         workload="digits",
         strategy=strategy,
         clients=24,
@@ -200,7 +203,7 @@ def test_unbatched_client_halves_fall_back_with_one_log_line(
 ) -> None:
     """FRL's client half trains scores with its own fit: every job is trained by the
     sequential loop, announced once, with exactly the in-process backend's numbers."""
-    config = small_config(strategy="frl", model="mlp", rounds=2)
+    config = small_config(backend="inprocess", strategy="frl", model="mlp", rounds=2)
     with caplog.at_level(logging.WARNING, logger="fedlab.sim.vmap"):
         batched = _run(config.replace(backend="vmap"), 2)
     lines = [r.getMessage() for r in caplog.records if r.name == "fedlab.sim.vmap"]
@@ -267,6 +270,7 @@ def test_batched_dp_sgd_equals_the_sequential_dp_sgd(configs: list[dict[str, Any
 
 def test_vmap_backend_equals_sequential_with_dp_sgd_and_fedzip(tmp_path: Path) -> None:
     config = small_config(
+        backend="inprocess",
         dp="sample",
         noise_multiplier=0.8,
         max_grad_norm=1.0,
